@@ -1,0 +1,148 @@
+"""The CLIP text tokenizer, built offline from the BPE file that `open_clip` ships.
+
+Stable Diffusion's text encoders (CLIP ViT-L for SD 1.x, OpenCLIP ViT-H for SD 2.x) share
+one byte-level BPE vocabulary of 49408 tokens with a 77-token context. No model hub is
+reachable here, so the vocabulary is rebuilt from `bpe_simple_vocab_16e6.txt.gz` (MIT,
+shipped by `open_clip_torch`) following CLIP's definition:
+
+    256 byte characters, the same 256 with '</w>', one token per merge of lines
+    1 .. 48895 of the file, then '<|startoftext|>' (49406) and '<|endoftext|>' (49407).
+
+`open_clip` itself is not imported: its package imports torchvision, which is absent here;
+only the data file is read. Real SD weight folders carry their own tokenizer and should
+be preferred when present.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_SIZE = 49408
+MAX_LENGTH = 77
+# CLIP keeps the first 49152 - 256 - 2 merges of the file (line 0 is a version header).
+N_MERGES = 49152 - 256 - 2
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Map each byte 0..255 to a printable unicode character (GPT-2 / CLIP byte-level BPE).
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map, in byte order, to
+    the code points 256, 257, ... so that no token contains whitespace or control chars.
+    The dict's insertion order (printable bytes first) is the order of the base vocabulary.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def find_bpe_file() -> Path:
+    """Path of open_clip's BPE merges file, without importing open_clip (needs torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    hint = "install the file with: pip install --no-deps open_clip_torch"
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package open_clip not found, so no {BPE_FILENAME}; {hint}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / BPE_FILENAME
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{BPE_FILENAME} not found in {list(spec.submodule_search_locations)}; {hint}"
+    )
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "prd" / "clip_tokenizer"
+
+
+def _write_tokenizer_files(bpe_path: Path, folder: Path) -> None:
+    """Write vocab.json, merges.txt and the special-token configs into `folder` atomically."""
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = lines[1 : N_MERGES + 1]
+    if len(merges) != N_MERGES or any(len(m.split(" ")) != 2 for m in merges):
+        raise ValueError(f"{bpe_path}: expected {N_MERGES} 'a b' merge lines after the header")
+    base = list(bytes_to_unicode().values())
+    tokens = base + [c + "</w>" for c in base] + [m.replace(" ", "") for m in merges]
+    tokens += [BOS, EOS]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != VOCAB_SIZE:
+        raise ValueError(f"{bpe_path}: built {len(vocab)} unique tokens, expected {VOCAB_SIZE}")
+
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (tmp / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MAX_LENGTH,
+        "do_lower_case": True,
+        **special,
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    try:
+        tmp.rename(folder)
+    except OSError:
+        # Another process finished first; its files are identical.
+        if not (folder / "vocab.json").is_file():
+            raise
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+
+
+def build_clip_tokenizer(cache_dir: str | Path | None = None) -> CLIPTokenizer:
+    """CLIP's tokenizer (49408 tokens, bos 49406, eos 49407, max length 77), fully offline.
+
+    cache_dir: folder under which the generated vocab.json / merges.txt are kept, in a
+    subfolder named by the BPE file's hash; default a per-user cache folder.
+    """
+    bpe_path = find_bpe_file()
+    digest = hashlib.sha256(bpe_path.read_bytes()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    folder = root / f"clip-bpe-{digest}"
+    if not (folder / "tokenizer_config.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        _write_tokenizer_files(bpe_path, folder)
+    tok = CLIPTokenizer.from_pretrained(str(folder))
+    if len(tok) != VOCAB_SIZE or tok.bos_token_id != VOCAB_SIZE - 2:
+        raise RuntimeError(
+            f"tokenizer from {folder} has {len(tok)} tokens and bos id {tok.bos_token_id}, "
+            f"expected {VOCAB_SIZE} and {VOCAB_SIZE - 2}; delete the folder to rebuild it"
+        )
+    tok.model_max_length = MAX_LENGTH
+    return tok
+
+
+def count_tokens(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> list[int]:
+    """Number of tokens of each text including bos and eos, without truncation.
+
+    A prompt fits the text encoder when its count is <= 77. Batched through the fast
+    tokenizer backend.
+    """
+    if not texts:
+        return []
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
+    return [len(ids) for ids in enc["input_ids"]]

@@ -1,0 +1,49 @@
+"""The offline CLIP tokenizer against ids of the released CLIP vocabulary."""
+
+import pytest
+
+from prompts.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer, count_tokens
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return build_clip_tokenizer(tmp_path_factory.mktemp("clip_tok"))
+
+
+def test_vocabulary_and_special_tokens(tok):
+    assert len(tok) == VOCAB_SIZE == 49408
+    assert tok.bos_token_id == 49406 and tok.eos_token_id == 49407
+    assert tok.model_max_length == MAX_LENGTH == 77
+    # 256 byte characters, the same with '</w>', then merges in file order ("i n" first).
+    ids = [0, 255, 256, 511, 512]
+    assert tok.convert_ids_to_tokens(ids) == ["!", "Ń", "!</w>", "Ń</w>", "in"]
+
+
+def test_known_ids(tok):
+    # Ids of the released CLIP vocabulary (as used by SD's text encoders).
+    assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok("Hello, World")["input_ids"] == [49406, 3306, 267, 1002, 49407]
+    # Digits are split one by one; '1</w>' is 256 + ('1' - '!') = 272.
+    assert tok("12")["input_ids"] == [49406, 272, 273, 49407]
+
+
+def test_count_tokens_untruncated(tok):
+    assert count_tokens(tok, []) == []
+    assert count_tokens(tok, ["a photo of a cat", "cat " * 100]) == [7, 102]
+
+
+def test_cache_is_reused(tmp_path):
+    a = build_clip_tokenizer(tmp_path)
+    (folder,) = list(tmp_path.iterdir())
+    mtime = (folder / "vocab.json").stat().st_mtime_ns
+    b = build_clip_tokenizer(tmp_path)
+    assert (folder / "vocab.json").stat().st_mtime_ns == mtime
+    assert a("a red fox")["input_ids"] == b("a red fox")["input_ids"]
+
+
+def test_missing_bpe_file_names_the_fix(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps open_clip_torch"):
+        build_clip_tokenizer()
