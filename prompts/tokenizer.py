@@ -146,3 +146,31 @@ def count_tokens(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> list[int]:
         return []
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)
     return [len(ids) for ids in enc["input_ids"]]
+
+
+def truncate_to_tokens(
+    tokenizer: CLIPTokenizer, texts: Sequence[str], max_tokens: int = MAX_LENGTH
+) -> list[str]:
+    """Each text cut at a word boundary so that it has <= max_tokens tokens with bos/eos.
+
+    The text encoder would silently drop the tail past 77 tokens; cutting at a word keeps
+    the stored prompt equal to what the encoder sees. A text whose first word alone is
+    too long is cut inside that word. Texts that fit are returned unchanged.
+    """
+    if max_tokens < 3:
+        raise ValueError(f"max_tokens must be >= 3 (bos, one token, eos), got {max_tokens}")
+    if not texts:
+        return []
+    enc = tokenizer(list(texts), truncation=False, return_offsets_mapping=True, verbose=False)
+    out = []
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        if len(ids) <= max_tokens:
+            out.append(text)
+            continue
+        # offsets[0] is bos; content tokens 1..max_tokens-2 are kept.
+        end = offsets[max_tokens - 2][1]
+        cut = text[:end]
+        if end < len(text) and not text[end].isspace() and " " in cut.strip():
+            cut = cut.rstrip().rsplit(" ", 1)[0]
+        out.append(cut.rstrip(" ,.;:!?-"))
+    return out
