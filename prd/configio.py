@@ -83,3 +83,13 @@ def to_yaml(cfg) -> str:
 
 def to_dict(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def load_config_text(schema: type[T], text: str, overrides: list[str] | None = None) -> T:
+    """``load_config`` of a YAML document held in memory (e.g. a weights file's header)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text)
+        return load_config(schema, [path], overrides)

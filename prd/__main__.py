@@ -1,0 +1,5 @@
+import sys
+
+from prd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""Dual rendering (DESIGN "Dual rendering"): the volume and mesh branches of one progressive
+step, each turned into the ``teachers.base.Views`` that the teachers score.
+
+Volume branch: NeuS in patch mode; the coarse global grid is upsampled to the full ray
+grid and the full-resolution patch pasted over it (so the teacher sees one full image in
+which the patch carries sharp gradients). Its colour gradient is scaled by a decaying
+factor; its per-sample SDF gradients feed the eikonal loss, its opacity the sparsity loss.
+
+Mesh branch: marching cubes on the deformable grid, rasterized RGB / mask / depth /
+normals; SDF gradients arriving through it are scaled (DESIGN: 0.001).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prd.losses import eikonal_loss, sparsity_loss
+from renderers.cameras import Cameras, pixel_rays
+from renderers.isosurface import evaluate_grid, extract_surface
+from renderers.mesh import MeshRenderConfig, render_mesh, scale_grad
+from renderers.raster import get_backend
+from renderers.volume import ViewMaps, VolumeConfig, render_views
+from teachers.base import Views
+
+
+@dataclass
+class BranchOut:
+    views: Views
+    regularizers: dict[str, torch.Tensor]
+
+
+def paste_patch(coarse: torch.Tensor, patch: torch.Tensor, offsets: torch.Tensor, res: int):
+    """(N, g, g, C) coarse grid upsampled to (N, res, res, C) with the (N, p, p, C) patch
+    pasted at ``offsets`` (N, 2) = (row, col) of its top-left pixel."""
+    n, p = patch.shape[0], patch.shape[1]
+    full = F.interpolate(
+        coarse.permute(0, 3, 1, 2), size=(res, res), mode="bilinear", align_corners=False
+    ).permute(0, 2, 3, 1)
+    span = torch.arange(p, device=patch.device)
+    rows = (offsets[:, 0:1] + span)[:, :, None].expand(n, p, p)
+    cols = (offsets[:, 1:2] + span)[:, None, :].expand(n, p, p)
+    views = torch.arange(n, device=patch.device)[:, None, None].expand(n, p, p)
+    return full.index_put((views, rows, cols), patch)
+
+
+def _z_scale(cameras: Cameras, res: int, rows=None, cols=None) -> torch.Tensor:
+    """(N, h, w, 1) cosine between each pixel's ray and the view axis: ray distance times
+    it is the camera-space z-depth that ``Views.depth`` holds."""
+    _, d = pixel_rays(cameras, res, res, rows=rows, cols=cols)
+    axis = -cameras.c2w[:, :3, 2]  # the viewing direction
+    return (d * axis[:, None, None, :]).sum(-1, keepdim=True)
+
+
+def _surface_depth(maps: ViewMaps, cos: torch.Tensor) -> torch.Tensor:
+    return maps.depth / maps.opacity.clamp_min(1e-4) * cos
+
+
+def volume_branch(
+    field,
+    cameras: Cameras,
+    cfg: VolumeConfig,
+    views_per_object: int,
+    generator: torch.Generator,
+    background: torch.Tensor,
+    color_grad_scale: float,
+) -> BranchOut:
+    """NeuS patch render of B objects -> Views at cfg.resolution, plus eikonal/sparsity."""
+    vol = render_views(
+        field, cameras, cfg, views_per_object, generator, mode="patch", background=background
+    )
+    res, g = cfg.resolution, cfg.global_size
+    coarse_idx = (torch.arange(g, device=cameras.device, dtype=cameras.c2w.dtype) + 0.5) * res / g
+    cos_g = _z_scale(cameras, res, coarse_idx - 0.5, coarse_idx - 0.5)
+    cos_full = _z_scale(cameras, res)
+    p = cfg.patch_size
+    span = torch.arange(p, device=cameras.device)
+    n = len(cameras)
+    rows = (vol.offsets[:, 0:1] + span)[:, :, None].expand(n, p, p)
+    cols = (vol.offsets[:, 1:2] + span)[:, None, :].expand(n, p, p)
+    cos_p = cos_full[torch.arange(n)[:, None, None], rows, cols]
+
+    def full(coarse: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+        return paste_patch(coarse, patch, vol.offsets, res)
+
+    rgb = full(vol.coarse.rgb, vol.images.rgb)
+    views = Views(
+        rgb=scale_grad(rgb, color_grad_scale),
+        mask=full(vol.coarse.opacity, vol.images.opacity)[..., 0],
+        depth=full(_surface_depth(vol.coarse, cos_g), _surface_depth(vol.images, cos_p))[..., 0],
+        normal=F.normalize(full(vol.coarse.normal, vol.images.normal), dim=-1, eps=1e-6),
+        cameras=cameras,
+        views_per_object=views_per_object,
+    )
+    regs = {
+        "eikonal": eikonal_loss(vol.rays.grad_norm, vol.rays.ray_valid),
+        "sparsity": sparsity_loss(vol.rays.opacity),
+    }
+    return BranchOut(views, regs)
+
+
+def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, background) -> BranchOut:
+    """Marching cubes (grid^3, differentiable vertices) + rasterized views -> Views.
+
+    SDF and deformation gradients arriving through the vertices are scaled by
+    cfg.grad_scale (DESIGN: 0.001); the texture field's gradient is not. An object whose
+    SDF has no zero crossing renders as background (empty mesh)."""
+    n_obj = len(field)
+    with torch.no_grad():
+        values = evaluate_grid(field, grid, n_objects=n_obj, deformation=False)
+    meshes = extract_surface(field, grid, n_objects=n_obj, grid=values, with_grad=True)
+    verts = [scale_grad(m.verts, cfg.grad_scale) for m in meshes]
+    faces = [m.faces for m in meshes]
+    out = render_mesh(
+        verts,
+        faces,
+        field,
+        cameras,
+        cfg.resolution,
+        get_backend(cfg.backend),
+        background=tuple(float(c) for c in background),
+    )
+    cover = out.mask.clamp_min(1e-4)
+    depth = out.far - out.depth / cover * (out.far - out.near)
+    views = Views(
+        rgb=out.rgb,
+        mask=out.mask,
+        depth=depth,
+        normal=F.normalize(out.normal, dim=-1, eps=1e-6),
+        cameras=cameras,
+        views_per_object=len(cameras) // n_obj,
+    )
+    return BranchOut(views, {"empty_meshes": torch.tensor(float(sum(m.empty for m in meshes)))})

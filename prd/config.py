@@ -1,0 +1,157 @@
+"""The typed config of a PRD run: every section's defaults are the reference's numbers
+(DESIGN "Facts"); presets in configs/ are thin YAML overlays on top.
+
+    cfg = load(["configs/oracle.yaml"], ["train.steps=10"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prd.configio import load_config
+from prd.losses import Ramp
+from prd.student import StudentConfig
+from prd.teacher_setup import TeachersConfig
+from prd.triplane import FieldConfig
+from renderers.cameras import CameraSampling
+from renderers.mesh import MeshRenderConfig
+from renderers.volume import VolumeConfig
+
+
+@dataclass
+class PromptsConfig:
+    """Where training prompts come from."""
+
+    source: str | None = None
+    """A curated prompt folder (``prd prompts curate`` output); None uses ``prompts``."""
+    prompts: list[str] = field(default_factory=list)
+    """Inline training prompts, used when ``source`` is None."""
+    shuffle: bool = True
+    """Shuffle each epoch (deterministically from the run's seed)."""
+
+    def __post_init__(self):
+        if self.source is not None and not Path(self.source).is_dir():
+            raise ValueError(f"prompts.source {self.source!r} is not a folder")
+
+
+@dataclass
+class TrainConfig:
+    """The optimization loop."""
+
+    steps: int = 15000
+    """Optimizer steps (reference: 15k for the base prompt set, 30k at 1.7M prompts)."""
+    batch_size: int = 2
+    """Prompts (objects) per rank per micro-batch (reference: 2 per GPU on 8 GPUs)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (each runs all K progressive steps)."""
+    progressive_steps: int = 4
+    """K, student denoising steps per prompt; each is rendered and scored (reference: 4)."""
+    optimizer: str = "adan"
+    """"adan" (reference, pytorch-optimizer) or "adamw"."""
+    lr: float = 2e-4
+    """Learning rate, constant (reference: 2e-4, no schedule)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (1-3). ZeRO's non-finite gradient check is what skips a step
+    after a NaN/Inf loss, which is why stage 0 is not offered."""
+    precision: str = "fp32"
+    """"fp32" or "bf16" (GPU); CPUs here lack fast bf16 (DESIGN, "Traps")."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu" or "cuda"."""
+    seed: int = 0
+    """Base seed; rank r draws from seed + 1000 * r."""
+    eikonal: Ramp = field(default_factory=lambda: Ramp(1.0, 0.0, 20000))
+    """Weight of the eikonal loss on the volume branch (reference: 1 -> 0 over 20k)."""
+    sparsity: Ramp = field(default_factory=lambda: Ramp(1.0, 0.0, 20000))
+    """Weight of the sparsity loss on the volume branch (reference: 1 -> 0 over 20k)."""
+    volume_color_grad: Ramp = field(default_factory=lambda: Ramp(1.0, 0.01, 20000))
+    """Scale of the colour gradient through the volume branch (reference: 1 -> 0.01)."""
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Background colour behind renders (the teachers see the same)."""
+    log_every: int = 10
+    """Scalars to TensorBoard every N steps."""
+    image_every: int = 200
+    """Render grids to TensorBoard every N steps (0 disables)."""
+    ckpt_every: int = 1000
+    """Checkpoint (and export trainable weights) every N steps, and at the end."""
+    keep_ckpts: int = 2
+    """Complete checkpoints kept on disk."""
+    max_nonfinite_in_row: int = 5
+    """Stop the run after this many consecutive steps with a NaN/Inf loss."""
+    deepspeed_json: str | None = None
+    """Extra DeepSpeed settings (JSON file) merged over the generated ones, e.g. offload."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "progressive_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.optimizer not in ("adan", "adamw"):
+            raise ValueError(f"train.optimizer must be adan or adamw, got {self.optimizer!r}")
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.ckpt_every < 1 or self.keep_ckpts < 1 or self.max_nonfinite_in_row < 1:
+            raise ValueError("train.ckpt_every, keep_ckpts and max_nonfinite_in_row must be >= 1")
+        if self.deepspeed_json is not None and not Path(self.deepspeed_json).is_file():
+            raise ValueError(f"train.deepspeed_json {self.deepspeed_json!r} is not a file")
+
+
+@dataclass
+class SampleConfig:
+    """One-call mesh sampling."""
+
+    steps: int = 4
+    """DDIM steps (the training K)."""
+    grid: int = 160
+    """Marching-cubes grid points per axis (reference: 160 at sampling)."""
+    renoise: str = "ddim"
+    """Between steps: "ddim" (deterministic, reference) or "fresh" (new noise, as training)."""
+    format: str = "glb"
+    """Default file format when the output names a folder: glb, obj or ply."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.grid < 8:
+            raise ValueError(f"sample.steps must be >= 1 and sample.grid >= 8, got {self}")
+        if self.renoise not in ("ddim", "fresh"):
+            raise ValueError(f"sample.renoise must be ddim or fresh, got {self.renoise!r}")
+        if self.format not in ("glb", "obj", "ply"):
+            raise ValueError(f"sample.format must be glb, obj or ply, got {self.format!r}")
+
+
+@dataclass
+class Config:
+    """A PRD run."""
+
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    cameras: CameraSampling = dataclasses.field(default_factory=CameraSampling)
+    volume: VolumeConfig = dataclasses.field(default_factory=VolumeConfig)
+    mesh: MeshRenderConfig = dataclasses.field(default_factory=MeshRenderConfig)
+    mesh_grid: int = 128
+    """Marching-cubes grid points per axis in training (reference: 128)."""
+    teachers: TeachersConfig = dataclasses.field(default_factory=TeachersConfig)
+    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        if self.field.channels != self.student.triplane_channels:
+            raise ValueError(
+                f"field.channels ({self.field.channels}) must equal student.triplane_channels "
+                f"({self.student.triplane_channels})"
+            )
+        if self.mesh_grid < 8:
+            raise ValueError(f"mesh_grid must be >= 8, got {self.mesh_grid}")
+
+
+def load(files: list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML presets (in order) <- ``key=value`` overrides."""
+    return load_config(Config, files, overrides)

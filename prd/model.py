@@ -1,0 +1,53 @@
+"""The trainable whole: PETA student + triplane field decoder, one module for DeepSpeed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prd.student import PRDStudent, build_student
+from prd.triplane import FieldConfig, FieldDecoder, TriplaneField
+
+
+class PRDModel(nn.Module):
+    """Student (text -> per-plane x0 latents -> triplanes) and the field MLPs.
+
+    ``forward`` is one progressive step of the student: noised plane latents in, the clean
+    latent estimate and the two triplanes out. The MLPs are applied later, by the renderers,
+    through ``field``.
+    """
+
+    def __init__(self, student: PRDStudent, decoder: FieldDecoder):
+        super().__init__()
+        self.student = student
+        self.decoder = decoder
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
+        """z_t (B*P, 4, h, w), t (B*P,) long, text (B, L, C) ->
+        x0 (B*P, 4, h, w), geometry and texture triplanes (B, 3, C, H, W) each."""
+        x0 = self.student.predict_x0(z_t, t, text)
+        geometry, texture = self.student.decode(x0)
+        return x0, geometry, texture
+
+    def field(self, geometry: torch.Tensor, texture: torch.Tensor) -> TriplaneField:
+        return self.decoder.bind(geometry, texture)
+
+
+def build_model(cfg, device=None, dtype=torch.float32) -> PRDModel:
+    """The model of a ``prd.config.Config``: student per cfg.student, MLPs per cfg.field.
+
+    The field decoder's channel count must equal the student's triplane channels."""
+    student = build_student(cfg.student, device=device, dtype=dtype)
+    field_cfg: FieldConfig = cfg.field
+    if field_cfg.channels != cfg.student.triplane_channels:
+        raise ValueError(
+            f"field.channels={field_cfg.channels} must equal "
+            f"student.triplane_channels={cfg.student.triplane_channels}"
+        )
+    # trainable parameters stay fp32 whatever the frozen base's dtype
+    decoder = FieldDecoder(field_cfg)
+    if device is not None and str(device) != "meta":
+        decoder = decoder.to(device)
+    elif str(device) == "meta":
+        decoder = decoder.to("meta")
+    return PRDModel(student, decoder)

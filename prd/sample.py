@@ -1,0 +1,194 @@
+"""``prd sample``: prompts -> K DDIM steps -> VAE decode -> SDF grid -> marching cubes ->
+vertex colours -> mesh files, with a per-stage time breakdown."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prd.config import Config, SampleConfig, load
+from prd.configio import load_config_text
+from prd.export import export_mesh, slugify
+from prd.model import PRDModel, build_model
+from prd.progressive import add_noise, eps_from_x0, progressive_timesteps
+from prd.weights import load_weights, read_config_yaml
+from renderers.isosurface import evaluate_grid, extract_surface
+
+
+class EmptySurface(RuntimeError):
+    """The sampled SDF has no zero crossing on the grid: there is no mesh to write."""
+
+
+@dataclass
+class Timer:
+    """Wall time per named stage (seconds), in the order the stages ran."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class Sample:
+    prompt: str
+    verts: torch.Tensor  # (V, 3) world frame, +z up
+    faces: torch.Tensor  # (F, 3) int64
+    colors: torch.Tensor  # (V, 3) in [0, 1]
+    field: object  # the TriplaneField (for texture baking)
+
+
+@torch.no_grad()
+def generate(
+    model: PRDModel, prompt: str, cfg: SampleConfig, seed: int, timer: Timer | None = None
+) -> Sample:
+    """One prompt -> one coloured mesh. The noise comes from a generator seeded with
+    ``seed`` alone, so a prompt gives the same mesh whatever else is sampled with it."""
+    timer = timer or Timer()
+    student = model.student
+    device = student.alphas_cumprod.device
+    gen = torch.Generator().manual_seed(seed)
+    size = student.cfg.resolved_latent_size()
+    planes = student.cfg.planes
+    with timer("text_encode"):
+        text = student.encode_text([prompt])
+    z = torch.randn(planes, 4, size, size, generator=gen).to(device)
+    timesteps = progressive_timesteps(cfg.steps)
+    ab = student.alphas_cumprod
+    for i, t_i in enumerate(timesteps):
+        with timer(f"unet_step_{i + 1}"):
+            t = torch.full((planes,), t_i, dtype=torch.long, device=device)
+            x0 = student.predict_x0(z, t, text)
+            if i + 1 < len(timesteps):
+                t_next = torch.full_like(t, timesteps[i + 1])
+                if cfg.renoise == "ddim":
+                    noise = eps_from_x0(z, x0, t, ab)
+                else:
+                    noise = torch.randn(z.shape, generator=gen).to(device)
+                z = add_noise(x0, noise, t_next, ab)
+    with timer("vae_decode"):
+        geometry, texture = student.decode(x0)
+        fld = model.field(geometry, texture)
+    with timer("grid_eval"):
+        grid = evaluate_grid(fld, cfg.grid, n_objects=1, device=device)
+    with timer("marching_cubes"):
+        (mesh,) = extract_surface(fld, cfg.grid, n_objects=1, grid=grid, with_grad=False)
+    if mesh.empty:
+        raise EmptySurface(
+            f"the SDF of {prompt!r} (seed {seed}) has no zero crossing on the {cfg.grid}^3 "
+            "grid: nothing to mesh (an untrained or diverged student can do this)"
+        )
+    with timer("vertex_colors"):
+        colors = fld.color(mesh.verts[None].to(geometry.dtype))[0]
+    return Sample(prompt, mesh.verts, mesh.faces, colors, fld)
+
+
+def resolve_config(args) -> tuple[Config, Path | None]:
+    """The config to sample with and the weights file, from --ckpt / --config / overrides."""
+    weights = None
+    if args.ckpt:
+        ckpt = Path(args.ckpt)
+        weights = ckpt / "export" / "latest.safetensors" if ckpt.is_dir() else ckpt
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"--ckpt {ckpt}: no exported weights at {weights} (a run folder of prd train "
+                "holds export/latest.safetensors after its first checkpoint)"
+            )
+        if args.config:
+            raise ValueError("--ckpt brings its own config; pass changes as key=value overrides")
+        return load_config_text(Config, read_config_yaml(weights), args.overrides), weights
+    if not args.config:
+        raise ValueError("give --config CONFIG (initial weights) or --ckpt RUN_DIR")
+    return load(args.config, args.overrides), None
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", action="append", default=[], help="YAML preset (repeatable)")
+    p.add_argument("--ckpt", help="run folder (its export/latest.safetensors) or weights file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt; --out names the file")
+    src.add_argument("--prompts-file", help="one prompt a line; --out names a folder")
+    p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply) or folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--texture", action="store_true", help="bake a UV texture (GLB)")
+    p.add_argument("--max-faces", type=int, default=None, help="simplify to this many faces")
+    p.add_argument("--preview", action="store_true", help="also write a turntable GIF")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON line per mesh")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+
+
+def _jobs(args, cfg: Config) -> list[tuple[str, Path]]:
+    if args.prompt is not None:
+        out = Path(args.out)
+        if out.suffix == "":
+            out = out / f"{slugify(args.prompt)}.{cfg.sample.format}"
+        return [(args.prompt, out)]
+    lines = Path(args.prompts_file).read_text().splitlines()
+    prompts = [s.strip() for s in lines if s.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts_file} holds no prompts")
+    return [(p, Path(args.out) / f"{slugify(p)}.{cfg.sample.format}") for p in prompts]
+
+
+def run(args) -> int:
+    cfg, weights = resolve_config(args)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    timer = Timer()
+    with timer("build_model"):
+        model = build_model(cfg, device=device).eval()
+        if weights is not None:
+            load_weights(model, weights)
+    status = 0
+    for prompt, out in _jobs(args, cfg):
+        timer_p = Timer()
+        try:
+            sample = generate(model, prompt, cfg.sample, args.seed, timer_p)
+        except EmptySurface as exc:
+            print(f"prd sample: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        with timer_p("export"):
+            color_fn = None
+            if args.texture:
+                color_fn = lambda p, f=sample.field: f.color(p[None].float())[0]
+            export_mesh(
+                sample.verts,
+                sample.faces,
+                sample.colors,
+                out,
+                texture=args.texture,
+                color_fn=color_fn,
+                max_faces=args.max_faces,
+            )
+        if args.preview:
+            from prd.preview import turntable
+
+            with timer_p("preview"):
+                turntable(sample.verts, sample.faces, sample.colors, out.with_suffix(".gif"))
+        report = {
+            "prompt": prompt,
+            "out": str(out),
+            "vertices": int(sample.verts.shape[0]),
+            "faces": int(sample.faces.shape[0]),
+            "seconds": {k: round(v, 4) for k, v in timer_p.stages.items()},
+            "total_seconds": round(sum(timer_p.stages.values()), 4),
+        }
+        if args.json:
+            print(json.dumps(report))
+        else:
+            stages = ", ".join(f"{k} {v:.3f}s" for k, v in timer_p.stages.items())
+            print(f"{out}: {report['faces']} faces, {report['total_seconds']:.2f}s ({stages})")
+    return status

@@ -1,0 +1,270 @@
+"""``prd train``: progressive rendering distillation (the paper's Algorithm 1).
+
+One optimizer step, for each micro-batch of prompts:
+  1. prompts for this rank from the stream; text embeddings from the frozen text encoder
+  2. for k = 1..K (timesteps t_1 > ... > t_K):
+     a. re-noise: pure noise at k = 1, else the previous clean latent x0 with fresh noise
+     b. student: eps -> x0 latents -> VAE decoder -> geometry and texture triplanes
+     c. fresh cameras (4 views per object)
+     d. volume branch: NeuS patch render; mesh branch: marching cubes + rasterizer
+     e. losses: every teacher on every branch, eikonal + sparsity on the volume branch
+     f. backward of the step's loss; DeepSpeed divides it by its accumulation steps
+        (K x grad_accum), which is the paper's 1/K; x0 is detached for step k + 1
+  3. one optimizer step (DeepSpeed at the accumulation boundary)
+then logging and checkpoints. Nothing else runs per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from prd import checkpoint, distributed
+from prd.branches import mesh_branch, volume_branch
+from prd.config import Config, load
+from prd.configio import load_config_text, to_yaml
+from prd.logs import RunLogger
+from prd.model import PRDModel, build_model
+from prd.progressive import add_noise, progressive_timesteps
+from prd.teacher_setup import build_teachers
+from prd.weights import save_weights
+from prompts.stream import PromptStream
+from renderers.cameras import sample_cameras
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. too many non-finite losses); checkpoints are intact."""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", action="append", default=[], help="YAML preset (repeatable)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, exports)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+
+
+def run(args) -> int:
+    cfg = load(args.config, args.overrides)
+    try:
+        summary = train(cfg, Path(args.out), resume=args.resume)
+    except TrainingStopped as exc:
+        print(f"prd train: stopped: {exc}")
+        return 3
+    print(json.dumps(summary))
+    return 0
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed settings of a run; the user's JSON may add keys, not change ours."""
+    t = cfg.train
+    accum = t.progressive_steps * t.grad_accum
+    ds = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.batch_size * accum * world_size,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "gradient_clipping": t.grad_clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.deepspeed_json:
+        extra = json.loads(Path(t.deepspeed_json).read_text())
+        clash = sorted(set(extra) & set(ds))
+        if clash:
+            raise ValueError(
+                f"{t.deepspeed_json} sets {clash}, which train.* owns; set them in the config"
+            )
+        ds.update(extra)
+    return ds
+
+
+def make_optimizer(cfg: Config, params):
+    t = cfg.train
+    if t.optimizer == "adan":
+        from pytorch_optimizer import Adan
+
+        return Adan(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def make_stream(cfg: Config, info: distributed.DistInfo) -> PromptStream:
+    source = cfg.prompts.source if cfg.prompts.source is not None else list(cfg.prompts.prompts)
+    return PromptStream(
+        source,
+        cfg.train.batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.train.seed,
+        shuffle=cfg.prompts.shuffle,
+    )
+
+
+def check_resumable(saved_yaml: str, cfg: Config, run_dir: Path) -> None:
+    """A resumed run must be the same run: only train.steps and logging may change."""
+    saved = load_config_text(Config, saved_yaml)
+    free = ("steps", "log_every", "image_every", "ckpt_every", "keep_ckpts")
+    for name in free:
+        setattr(saved.train, name, getattr(cfg.train, name))
+    if to_yaml(saved) != to_yaml(cfg):
+        raise ValueError(
+            f"--resume: the config differs from {run_dir / 'config.yaml'} beyond "
+            f"train.{{{','.join(free)}}}; start a new run folder instead"
+        )
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    """Run (or resume) distillation into ``run_dir``; returns a summary of the last step."""
+    if cfg.prompts.source is None and not cfg.prompts.prompts:
+        raise ValueError("no training prompts: set prompts.source or prompts.prompts")
+    info = distributed.setup(cfg.train.device)
+    import deepspeed
+
+    run_dir = Path(run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_file = run_dir / "config.yaml"
+        if resume and cfg_file.is_file():
+            check_resumable(cfg_file.read_text(), cfg, run_dir)
+        elif not resume and checkpoint.latest_step(run_dir) is not None:
+            raise ValueError(f"{run_dir} already holds a run; pass --resume or use a new folder")
+        cfg_file.write_text(to_yaml(cfg))
+    distributed.barrier()
+
+    torch.manual_seed(cfg.train.seed + 1000 * info.rank)
+    gen = torch.Generator().manual_seed(cfg.train.seed + 1000 * info.rank)
+    model: PRDModel = build_model(cfg, device=info.device)
+    teachers = build_teachers(
+        cfg.teachers, cfg.train.background, cfg.cameras.n_views, device=info.device
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=trainable,
+        optimizer=make_optimizer(cfg, trainable),
+        config=deepspeed_config(cfg, info.world_size),
+    )
+    stream = make_stream(cfg, info)
+    start, nonfinite_in_row, nonfinite_total = 0, 0, 0
+    if resume:
+        state = checkpoint.load_training_state(engine, run_dir, info.rank)
+        start = state["step"]
+        checkpoint.set_rng_state(state["rng"], gen)
+        stream.load_state_dict(state["stream"])
+        nonfinite_in_row, nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
+
+    t_cfg = cfg.train
+    ab = model.student.alphas_cumprod.to(info.device)
+    timesteps = progressive_timesteps(t_cfg.progressive_steps)
+    background = torch.tensor(t_cfg.background, device=info.device)
+    logger = RunLogger(run_dir, info.is_main, start, t_cfg.steps)
+    last: dict = {}
+
+    for step in range(start, t_cfg.steps):
+        t0 = time.perf_counter()
+        losses: dict[str, float] = {}
+        images = {}
+        step_finite = True
+        for _ in range(t_cfg.grad_accum):
+            # 1. prompts and their embeddings (frozen text encoder)
+            prompts = stream.next_batch()
+            text = model.student.encode_text(prompts)
+            b, planes = len(prompts), cfg.student.planes
+            size = cfg.student.resolved_latent_size()
+            latent_shape = (b * planes, 4, size, size)
+            x0_prev = None
+            # 2. K progressive steps
+            for k, t_k in enumerate(timesteps):
+                # 2a. re-noise the last clean latent to t_k (pure noise at k = 1)
+                noise = torch.randn(latent_shape, generator=gen).to(info.device)
+                t = torch.full((b * planes,), t_k, dtype=torch.long, device=info.device)
+                z_t = noise if x0_prev is None else add_noise(x0_prev, noise, t, ab)
+                # 2b. student: x0 latents and triplanes
+                x0, geometry, texture = engine(z_t, t, text)
+                field = model.field(geometry, texture)
+                # 2c. fresh cameras
+                cams = sample_cameras(b, cfg.cameras, gen, device=info.device)
+                # 2d. the two renders
+                branches = {
+                    "volume": volume_branch(
+                        field,
+                        cams,
+                        cfg.volume,
+                        cfg.cameras.n_views,
+                        gen,
+                        background,
+                        t_cfg.volume_color_grad.at(step),
+                    )
+                }
+                if cfg.mesh.enabled:
+                    branches["mesh"] = mesh_branch(field, cams, cfg.mesh, cfg.mesh_grid, background)
+                # 2e. teachers on every branch, regularizers on the volume branch
+                loss_k = torch.zeros((), device=info.device)
+                for branch, out in branches.items():
+                    for teacher in teachers:
+                        g = teacher.for_branch(branch)(out.views, prompts, step, gen)
+                        loss_k = loss_k + g.loss
+                        losses[f"{teacher.name}/{branch}/k{k + 1}"] = g.loss.item()
+                        images[(branch, k, teacher.name)] = (out.views, g.target)
+                regs = branches["volume"].regularizers
+                for name, ramp in (("eikonal", t_cfg.eikonal), ("sparsity", t_cfg.sparsity)):
+                    weight = ramp.at(step)
+                    losses[f"{name}/k{k + 1}"] = regs[name].item()
+                    if weight > 0:
+                        loss_k = loss_k + weight * regs[name]
+                losses[f"total/k{k + 1}"] = loss_k.item()
+                if not torch.isfinite(loss_k):
+                    # Backpropagated anyway: ZeRO's non-finite gradient check then skips the
+                    # optimizer step and clears the gradients (asserted in the tests).
+                    step_finite = False
+                # 2f. backward (scaled 1/K by DeepSpeed) and detach for the next step
+                engine.backward(loss_k)
+                engine.step()
+                x0_prev = x0.detach()
+        # 3. the optimizer step happened at the accumulation boundary above
+        if step_finite:
+            nonfinite_in_row = 0
+        else:
+            nonfinite_in_row += 1
+            nonfinite_total += 1
+        last = {
+            "step": step + 1,
+            "loss": sum(v for k, v in losses.items() if k.startswith("total/")),
+            "nonfinite_total": nonfinite_total,
+        }
+        logger.log_step(
+            step + 1,
+            losses,
+            grad_norm=engine.get_global_grad_norm(),
+            lr=t_cfg.lr,
+            seconds=time.perf_counter() - t0,
+            nonfinite_total=nonfinite_total,
+        )
+        if t_cfg.image_every and (step + 1) % t_cfg.image_every == 0:
+            logger.log_images(step + 1, images)
+        if nonfinite_in_row >= t_cfg.max_nonfinite_in_row:
+            logger.close()
+            raise TrainingStopped(
+                f"{nonfinite_in_row} steps in a row had a non-finite loss (last at step "
+                f"{step + 1}); the last checkpoint in {run_dir / checkpoint.CKPT_DIR} is intact"
+            )
+        if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.steps:
+            trainer_state = {
+                "step": step + 1,
+                "rng": checkpoint.rng_state(gen),
+                "stream": stream.state_dict(),
+                "nonfinite_in_row": nonfinite_in_row,
+                "nonfinite_total": nonfinite_total,
+            }
+            checkpoint.save_training_state(engine, run_dir, step + 1, info.rank, trainer_state)
+            save_weights(model, cfg, run_dir, step + 1, is_main=info.is_main)
+            if info.is_main:
+                checkpoint.prune_checkpoints(run_dir, t_cfg.keep_ckpts)
+    logger.close()
+    if not last:
+        last = {"step": start, "loss": math.nan, "nonfinite_total": nonfinite_total}
+    return last
