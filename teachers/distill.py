@@ -1,0 +1,136 @@
+"""A score-distillation teacher: role + frozen denoiser + guidance loss, wired explicitly.
+
+One ``forward`` (the ``Teacher`` protocol of ``teachers.base``):
+1. the role selects and packs the views at the teacher's resolution (n, C, h, w) in [-1, 1];
+   a latent teacher's ``encode`` maps them to latents (pixel-space teachers: identity);
+2. timesteps are drawn per object (or per batch) and shared by the views of an object;
+3. x_t = alpha_t sg(x) + sigma_t noise; the denoiser predicts conditional and unconditional
+   eps in one batch (ASD adds the conditional eps at its later timestep);
+4. the configured loss turns them into a scalar with a closed-form gradient w.r.t. x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from renderers.cameras import Cameras
+from teachers import guidance as G
+from teachers.base import Denoiser, GuidanceOut, Views, assert_frozen
+from teachers.noise import NoiseSchedule
+from teachers.roles import Role
+
+
+def cat_cameras(a: Cameras, b: Cameras) -> Cameras:
+    """Concatenate two camera batches."""
+    fields = ("c2w", "fov_y", "azimuth", "elevation", "distance")
+    return Cameras(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in fields))
+
+
+def _cat_cond(a, b):
+    if isinstance(a, Tensor):
+        return torch.cat([a, b])
+    return list(a) + list(b)
+
+
+class DistillationTeacher(torch.nn.Module):
+    """A frozen teacher; see the module docstring for the steps of ``forward``.
+
+    role: packs Views (``teachers.roles``); denoiser: the frozen eps model (an nn.Module is
+    registered and asserted frozen); guidance: loss and schedules; resolution: the teacher's
+    image size; encode / decode: image [-1, 1] <-> model space for latent teachers (None:
+    pixel space); schedule: DDPM noise schedule (SD's by default).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        role: Role,
+        denoiser: Denoiser,
+        guidance: G.GuidanceConfig,
+        resolution: int,
+        schedule: NoiseSchedule | None = None,
+        encode: Callable[[Tensor], Tensor] | None = None,
+        decode: Callable[[Tensor], Tensor] | None = None,
+    ):
+        super().__init__()
+        if resolution < 1:
+            raise ValueError(f"teacher {name!r}: resolution must be positive, got {resolution}")
+        if (encode is None) != (decode is None):
+            raise ValueError(f"teacher {name!r}: give both encode and decode, or neither")
+        self.name = name
+        self.role = role
+        self.denoiser = denoiser
+        self.guidance = guidance
+        self.resolution = resolution
+        self.schedule = schedule if schedule is not None else NoiseSchedule()
+        self.encode = encode
+        self.decode = decode
+        self.requires_grad_(False)
+        self.eval()
+        assert_frozen(self, name)
+
+    def forward(
+        self, views: Views, prompts: list[str], step: int, generator: torch.Generator
+    ) -> GuidanceOut:
+        cfg, sched, group = self.guidance, self.schedule, self.role.group
+        if len(prompts) != views.n_objects:
+            raise ValueError(
+                f"teacher {self.name!r}: {len(prompts)} prompts for {views.n_objects} objects"
+            )
+        # 1. Pack the views the teacher scores.
+        sel = self.role.select(views)
+        image = self.role.encode(sel, self.resolution)
+        x = self.encode(image) if self.encode is not None else image
+        n = x.shape[0]
+        # 2. Timesteps: one per object (shared by its views) or one per batch; noise.
+        t_group = G.sample_timesteps(cfg, step, n // group, generator)
+        t = t_group.repeat_interleave(group).to(x.device)
+        noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
+        noise = noise.to(x.device)
+        scale_cfg = G.guidance_scale_at(cfg, step)
+        # 3. Conditional and unconditional eps in one batch.
+        per_image = [p for p in prompts for _ in range(sel.views_per_object)]
+        cond = self.denoiser.encode_text(per_image)
+        uncond = self.denoiser.encode_text([""] * n)
+        cams = sel.cameras
+        with torch.no_grad():
+            x_t = sched.add_noise(x.detach(), noise, t)
+            both = _cat_cond(cond, uncond)
+            eps = self.denoiser(
+                torch.cat([x_t, x_t]), torch.cat([t, t]), both, cat_cameras(cams, cams)
+            )
+            eps_c, eps_u = eps[:n], eps[n:]
+        # 4. The loss, normalized to the reference's size (teachers.guidance).
+        c = G.loss_scale(x, cfg)
+        x0 = None
+        if cfg.loss in ("sds", "sds_uniform"):
+            uniform = cfg.loss == "sds_uniform"
+            loss = G.sds_loss(x, eps_c, eps_u, noise, t, sched, scale_cfg, uniform, c)
+        elif cfg.loss == "x0":
+            loss, x0 = G.x0_loss(
+                x, eps_c, eps_u, noise, t, sched, scale_cfg, group, cfg.recon_std_rescale, c
+            )
+        else:
+            eps_second = eps_c
+            if cfg.asd_shift_ratio > 0:
+                lo, _ = G.timestep_range(cfg, step)
+                t_plus = G.shifted_timesteps(
+                    t_group, lo, cfg.asd_shift_ratio, cfg.asd_shift_random, generator, sched.n_steps
+                )
+                t_plus = t_plus.repeat_interleave(group).to(x.device)
+                with torch.no_grad():
+                    x_tp = sched.add_noise(x.detach(), noise, t_plus)
+                    eps_second = self.denoiser(x_tp, t_plus, cond, cams)
+            loss = G.asd_loss(
+                x, eps_c, eps_u, eps_second, t, sched, scale_cfg,
+                cfg.asd_normalization, cfg.asd_eps, group, c,
+            )  # fmt: skip
+        with torch.no_grad():
+            if x0 is None:
+                x0 = sched.x0_from_eps(x_t, G.cfg_eps(eps_c, eps_u, scale_cfg), t)
+            target = self.decode(x0) if self.decode is not None else x0
+            target = self.role.to_image(target)
+        return GuidanceOut(loss=loss, target=target.detach(), timesteps=t_group)
