@@ -85,7 +85,7 @@ def evaluate_grid(
     resolution: int,
     *,
     n_objects: int,
-    chunk: int = 1 << 18,
+    chunk: int = 1 << 16,
     deformation: bool = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -93,7 +93,8 @@ def evaluate_grid(
     """The field on the full grid, without gradients.
 
     Points are built and evaluated ``chunk`` at a time (memory bounded by chunk x
-    n_objects points of field activations, plus the outputs). Returns sdf (B, R, R, R) and,
+    n_objects points of field activations, plus the outputs; 2^16 ran 2x faster than 2^18
+    on CPU, ``bench/isosurface.py``). Returns sdf (B, R, R, R) and,
     if ``deformation``, the raw deformation (B, R, R, R, 3), else None; dtype/device as given.
     """
     if chunk < 1:
@@ -208,7 +209,7 @@ def extract_surface(
     grid: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     objects: list[int] | None = None,
     with_grad: bool = True,
-    chunk: int = 1 << 18,
+    chunk: int = 1 << 16,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> list[SurfaceMesh]:
