@@ -152,10 +152,12 @@ def surface_edges(
     ijk_b[rows, axis] += on_edge
     a = (ijk_a[:, 0] * res + ijk_a[:, 1]) * res + ijk_a[:, 2]
     b = (ijk_b[:, 0] * res + ijk_b[:, 1]) * res + ijk_b[:, 2]
-    bad = on_edge & (flat[a] * flat[b] > 0)
+    off_grid_lines = np.sort(frac, axis=1)[:, 1] > _ON_GRID_POINT
+    bad = off_grid_lines | (on_edge & (flat[a] * flat[b] > 0))
     if bad.any():
         raise RuntimeError(
-            f"marching cubes put {bad.sum()} vertices on grid edges without a sign change "
+            f"marching cubes put {bad.sum()} vertices off grid edges or on edges without a "
+            "sign change "
             f"(first at index coordinates {verts[bad][0].tolist()})"
         )
     if not on_edge.all():

@@ -12,6 +12,7 @@ from renderers.isosurface import (
     grid_points,
     grid_spacing,
     marching_cubes,
+    surface_edges,
 )
 
 CENTER = (0.07, -0.04, 0.03)
@@ -181,3 +182,15 @@ def test_bad_inputs_raise():
         extract_surface(field, 6, n_objects=1, objects=[1])
     with pytest.raises(ValueError, match="grid sdf must be"):
         extract_surface(field, 7, n_objects=1, grid=(sdf, None))
+
+
+def test_surface_edges_rejects_vertices_off_grid_edges():
+    sdf = np.ones((4, 4, 4))
+    sdf[1, 2, 2] = -1.0
+    faces = np.zeros((1, 3), dtype=np.int64)
+    edges, _ = surface_edges(np.array([[1.25, 2.0, 2.0]]), faces, sdf)
+    assert edges.tolist() == [[(1 * 4 + 2) * 4 + 2, (2 * 4 + 2) * 4 + 2]]
+    with pytest.raises(RuntimeError, match="off grid edges"):
+        surface_edges(np.array([[1.5, 2.5, 2.0]]), faces, sdf)
+    with pytest.raises(RuntimeError, match="sign change"):
+        surface_edges(np.array([[2.5, 2.0, 2.0]]), faces, sdf)
