@@ -67,6 +67,7 @@ _REPEATED_COMMA = re.compile(r"(?:\s*,)+")
 _TRAILING_PUNCT = re.compile(r"[\s,.;:!?|/\\\-–—_~*+=&]+$")
 _LEADING_PUNCT = re.compile(r"^[\s,.;:!?|/\\\-–—_~*+=&]+")
 _KEY_DROP = re.compile(r"[^\w\s]|_")
+_NOT_LETTER = re.compile(r"[\W\d_]+")
 
 
 def clean_prompt(
@@ -78,21 +79,33 @@ def clean_prompt(
     boilerplate: lower-case comma-separated segments to remove (never the first segment,
     which names the subject); strip_syntax: remove Midjourney flags and SD weight syntax.
     """
-    text = unicodedata.normalize("NFKC", text)
-    text = _CONTROL.sub("", _SPACE.sub(" ", text))
+    # Each regex runs only when its trigger character is present: most prompts need
+    # none of them, and this loop runs over millions of prompts.
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    text = " ".join(text.split())
+    if not text.isprintable():
+        text = _CONTROL.sub("", text)
     if strip_syntax:
-        text = _MJ_FLAGS.sub("", text)
-        text = _ANGLE_TAG.sub(" ", text)
-        text = _WEIGHT.sub(r"\1", text)
-        text = _MULTI_PAREN.sub("", text)
-    text = _SPACE.sub(" ", text).strip()
-    if boilerplate and "," in text:
-        parts = text.split(",")
-        kept = [parts[0]] + [p for p in parts[1:] if p.strip().lower() not in boilerplate]
-        text = ",".join(kept)
-    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
-    text = _REPEATED_COMMA.sub(",", text)
-    text = _LEADING_PUNCT.sub("", _TRAILING_PUNCT.sub("", text))
+        if "--" in text:
+            text = _MJ_FLAGS.sub("", text)
+        if "<" in text:
+            text = _ANGLE_TAG.sub(" ", text)
+        if ":" in text:
+            text = _WEIGHT.sub(r"\1", text)
+        if "(" in text or ")" in text or "[" in text or "]" in text or "{" in text or "}" in text:
+            text = _MULTI_PAREN.sub("", text)
+        text = " ".join(text.split())
+    if "," in text:
+        if boilerplate:
+            parts = text.split(",")
+            kept = [parts[0]] + [p for p in parts[1:] if p.strip().lower() not in boilerplate]
+            text = ",".join(kept)
+        text = _REPEATED_COMMA.sub(",", text)
+    if " ," in text or " ." in text or " ;" in text or " :" in text or " !" in text or " ?" in text:
+        text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    if text and (not text[-1].isalnum() or not text[0].isalnum()):
+        text = _LEADING_PUNCT.sub("", _TRAILING_PUNCT.sub("", text))
     return text
 
 
@@ -107,7 +120,7 @@ def letter_fraction(text: str) -> float:
     chars = text.replace(" ", "")
     if not chars:
         return 1.0
-    return sum(c.isalpha() for c in chars) / len(chars)
+    return len(_NOT_LETTER.sub("", chars)) / len(chars)
 
 
 def latin_fraction(text: str) -> float:

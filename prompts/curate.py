@@ -79,7 +79,7 @@ def _read_clean_filter(
 
 def _fit_tokens(texts: list[str], locs: list[str], cfg: CurateConfig, rules: RuleLog):
     """Truncate or drop prompts longer than cfg.max_tokens CLIP tokens (bos/eos included)."""
-    from prompts.tokenizer import build_clip_tokenizer, count_tokens, truncate_to_tokens
+    from prompts.tokenizer import TokenCounter, build_clip_tokenizer, truncate_to_tokens
 
     # A token covers at least one UTF-8 byte, so a text of <= max_tokens - 2 bytes fits
     # without tokenizing (most prompts); only the longer ones are counted.
@@ -87,16 +87,17 @@ def _fit_tokens(texts: list[str], locs: list[str], cfg: CurateConfig, rules: Rul
     if not maybe:
         return texts, locs
     tok = build_clip_tokenizer(cfg.tokenizer_cache)
+    count_tokens = TokenCounter(tok)
     drop = set()
-    for s in range(0, len(maybe), 4096):
-        idx = maybe[s : s + 4096]
-        counts = count_tokens(tok, [texts[i] for i in idx])
+    for s in range(0, len(maybe), 65536):
+        idx = maybe[s : s + 65536]
+        counts = count_tokens([texts[i] for i in idx])
         long_idx = [i for i, n in zip(idx, counts) if n > cfg.max_tokens]
         if not long_idx:
             continue
         if cfg.too_long == "truncate":
             cut = truncate_to_tokens(tok, [texts[i] for i in long_idx], cfg.max_tokens)
-            recount = count_tokens(tok, cut)
+            recount = count_tokens(cut)
             for i, new, n in zip(long_idx, cut, recount):
                 if n <= cfg.max_tokens and new:
                     rules.add("truncated", locs[i], texts[i], dropped=False)

@@ -48,17 +48,16 @@ def shingle(keys: Sequence[str], size: int = 3) -> Shingles:
     if size < 1 or size > len(_MIX):
         raise ValueError(f"shingle size must be in 1..{len(_MIX)}, got {size}")
     word_hash: dict[str, int] = {}
-    flat: list[int] = []
-    lengths = np.empty(len(keys), dtype=np.int64)
-    for i, key in enumerate(keys):
-        words = key.split()
-        for w in words:
-            h = word_hash.get(w)
-            if h is None:
-                h = word_hash[w] = zlib.crc32(w.encode("utf-8"))
-            flat.append(h)
-        lengths[i] = len(words)
-    words_arr = np.array(flat, dtype=_U64)
+    parts, lengths = [], np.empty(len(keys), dtype=np.int64)
+    # Chunks bound the temporary list of word strings; the loops stay in C (split, map).
+    for s in range(0, len(keys), 1 << 16):
+        chunk = keys[s : s + (1 << 16)]
+        words = " ".join(chunk).split()
+        for w in set(words).difference(word_hash):
+            word_hash[w] = zlib.crc32(w.encode("utf-8"))
+        parts.append(np.fromiter(map(word_hash.__getitem__, words), _U64, count=len(words)))
+        lengths[s : s + len(chunk)] = [len(k.split()) for k in chunk]
+    words_arr = np.concatenate(parts) if parts else np.zeros(0, _U64)
     word_off = np.zeros(len(keys) + 1, dtype=np.int64)
     np.cumsum(lengths, out=word_off[1:])
     n_sh = np.where(lengths == 0, 0, np.maximum(lengths - size + 1, 1))
