@@ -104,9 +104,8 @@ class PlaneLoRALinear(nn.Module):
     def single_plane(self, plane: int) -> PlaneLoRALinear:
         """A one-plane copy holding plane ``plane``'s factors (cloned) and the same base."""
         one = PlaneLoRALinear(self.base, 1, self.rank, self.scaling * self.rank)
-        with torch.no_grad():
-            one.lora_A.copy_(self.lora_A[plane : plane + 1])
-            one.lora_B.copy_(self.lora_B[plane : plane + 1])
+        one.lora_A.data = self.lora_A.data[plane : plane + 1].clone()
+        one.lora_B.data = self.lora_B.data[plane : plane + 1].clone()
         return one
 
 

@@ -35,7 +35,8 @@ from prompts.tokenizer import build_clip_tokenizer
 ARCHS = ("tiny", "sd21")
 TEXT_LENGTH = 77
 CHECKPOINT_FORMAT = "prd-trainable-v1"
-# Files of a diffusers-format SD folder that the student reads.
+# Files of a diffusers-format SD folder that the student reads; "a | b": either one (the
+# hub's folders carry vocab.json + merges.txt, transformers 5 saves tokenizer.json).
 PRETRAINED_FILES = (
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
@@ -43,8 +44,9 @@ PRETRAINED_FILES = (
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json | tokenizer/tokenizer.json",
+    "tokenizer/merges.txt | tokenizer/tokenizer.json",
     "scheduler/scheduler_config.json",
 )
 
@@ -88,9 +90,13 @@ class StudentConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"student.arch must be one of {ARCHS}, got {self.arch!r}")
         if self.planes != 6:
-            raise ValueError(f"student.planes must be 6 (3 geometry + 3 texture), got {self.planes}")
+            raise ValueError(
+                f"student.planes must be 6 (3 geometry + 3 texture), got {self.planes}"
+            )
         if self.triplane_channels < 1:
-            raise ValueError(f"student.triplane_channels must be >= 1, got {self.triplane_channels}")
+            raise ValueError(
+                f"student.triplane_channels must be >= 1, got {self.triplane_channels}"
+            )
         if self.latent_size is not None and self.latent_size < 1:
             raise ValueError(f"student.latent_size must be >= 1, got {self.latent_size}")
         self.peta()  # checks rank and alpha
@@ -231,14 +237,14 @@ class PRDStudent(nn.Module):
         self.decoder.conv_out = _CastConv2d(
             old.in_channels, 2 * cfg.triplane_channels, 3, padding=1, device=old.weight.device
         )
-        betas = scheduler.alphas_cumprod.to(torch.float32)
-        self.register_buffer("alphas_cumprod", betas.to(old.weight.device), persistent=False)
+        ab = scheduler.alphas_cumprod.to(device=old.weight.device, dtype=torch.float32)
+        self.register_buffer("alphas_cumprod", ab, persistent=False)
         self.peta_modules: PetaModules = apply_peta(self.unet, self.decoder, cfg.peta())
         self.post_quant_conv.requires_grad_(False)
         self.decoder.conv_out.requires_grad_(True)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            self.decoder.gradient_checkpointing = True
+            vae.enable_gradient_checkpointing()  # sets the decoder's checkpoint function
 
     @property
     def text_dim(self) -> int:
@@ -290,7 +296,9 @@ class PRDStudent(nn.Module):
 
 
 def _check_pretrained(folder: Path) -> None:
-    missing = [f for f in PRETRAINED_FILES if not (folder / f).is_file()]
+    missing = [
+        f for f in PRETRAINED_FILES if not any((folder / a).is_file() for a in f.split(" | "))
+    ]
     if missing:
         raise FileNotFoundError(
             f"pretrained SD folder {folder} is missing {missing}; a diffusers-format "
@@ -341,7 +349,7 @@ def build_student(
         return PRDStudent(cfg, tokenizer, text, unet, vae, sd_scheduler())
 
 
-def _trainable_modules(model: PRDStudent) -> dict[str, nn.Module]:
+def _base_modules(model: PRDStudent) -> dict[str, nn.Module]:
     return {"unet": model.unet, "decoder": model.decoder}
 
 
@@ -369,7 +377,7 @@ def base_fingerprint(model: PRDStudent) -> list[float]:
     compared with a relative tolerance so fp16 / bf16 copies of one base still match.
     """
     stats = []
-    for module in _trainable_modules(model).values():
+    for module in _base_modules(model).values():
         frozen = [p for p in module.parameters() if not p.requires_grad]
         for p in (frozen[0], frozen[-1]):
             x = p.detach().double()
@@ -379,7 +387,9 @@ def base_fingerprint(model: PRDStudent) -> list[float]:
 
 def save_trainable(model: PRDStudent, path: str | Path) -> None:
     """Write the trainable tensors (fp32) to a safetensors file with a metadata header."""
-    tensors = {n: p.detach().float().cpu().contiguous() for n, p in trainable_state_dict(model).items()}
+    tensors = {
+        n: p.detach().float().cpu().contiguous() for n, p in trainable_state_dict(model).items()
+    }
     save_file(tensors, str(path), metadata=_metadata(model))
 
 

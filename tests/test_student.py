@@ -1,0 +1,261 @@
+"""The student: schedule, text routing, decode layout, checkpoints, counts, loading."""
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from prd.student import (
+    StudentConfig,
+    build_student,
+    count_parameters,
+    load_trainable,
+    save_trainable,
+    trainable_state_dict,
+)
+
+P, C = 6, 32
+
+
+def _student(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    return build_student(StudentConfig(arch="tiny", **kw))
+
+
+@pytest.fixture(scope="module")
+def student():
+    return _student()
+
+
+def test_config_checks_name_the_bad_value():
+    with pytest.raises(ValueError, match="student.arch.*'sd15'"):
+        StudentConfig(arch="sd15")
+    with pytest.raises(ValueError, match="lora rank must be >= 1, got 0"):
+        StudentConfig(lora_rank=0)
+    assert StudentConfig(arch="tiny").resolved_latent_size() == 8
+    assert StudentConfig().resolved_latent_size() == 32
+
+
+def test_schedule_is_sd_scaled_linear(student):
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    ab = torch.cumprod(1 - betas, 0).float()
+    torch.testing.assert_close(student.alphas_cumprod, ab, atol=1e-6, rtol=1e-5)
+
+
+class _KnownEps(torch.nn.Module):
+    """Stands in for the UNet: returns a fixed eps and records its inputs."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps, self.seen = eps, {}
+        self.dtype = torch.float32
+
+    def forward(self, sample, t, encoder_hidden_states):
+        self.seen = dict(sample=sample, t=t, context=encoder_hidden_states)
+        return type("Out", (), {"sample": self.eps})()
+
+
+def test_predict_x0_inverts_the_forward_process(student, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2 * P, 4, 8, 8, generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    t = torch.tensor([999, 749, 499, 249, 10, 0] * 2)
+    ab = student.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    text = torch.randn(2, 77, 32, generator=gen)
+    fake = _KnownEps(eps)
+    monkeypatch.setattr(student, "unet", fake)
+    torch.testing.assert_close(student.predict_x0(z_t, t, text), x0, atol=2e-4, rtol=1e-4)
+    # Every plane of object b is conditioned on text[b].
+    for n in range(2 * P):
+        assert torch.equal(fake.seen["context"][n], text[n // P])
+    with pytest.raises(ValueError, match="6 x text batch"):
+        student.predict_x0(z_t[:6], t[:6], text)
+
+
+def test_encode_text_is_the_frozen_encoders_last_hidden_state(student):
+    emb = student.encode_text(["a red cube", "a blue sphere"])
+    assert emb.shape == (2, 77, 32) and not emb.requires_grad
+    ids = student.tokenizer(["a red cube"], padding="max_length", max_length=77).input_ids
+    ids = torch.tensor(ids)
+    assert ids[0, 0] == 49406 and ids[0, -1] == 49407  # bos, padded with eos
+    ref = student.text_encoder(ids).last_hidden_state[0]
+    torch.testing.assert_close(emb[0], ref.detach())
+
+
+def test_decode_splits_channels_and_orders_planes(student):
+    x0 = torch.randn(2 * P, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        geo, tex = student.decode(x0)
+        # SD decodes z / scaling_factor through post_quant_conv and the decoder.
+        feats = student.decoder(student.post_quant_conv(x0 / 0.18215))
+    assert geo.shape == tex.shape == (2, 3, C, 16, 16)
+    assert feats.shape == (2 * P, 2 * C, 16, 16)
+    for b in range(2):
+        for k in range(3):  # xy, xz, yz
+            assert torch.equal(geo[b, k], feats[b * P + k, :C])
+            assert torch.equal(tex[b, k], feats[b * P + 3 + k, C:])
+
+
+def test_trainable_tensors_are_adapters_and_the_new_conv_out(student):
+    for name, p in student.named_parameters():
+        new_conv = name.startswith("decoder.conv_out.")
+        assert p.requires_grad == ("lora_" in name or new_conv), name
+        if p.requires_grad:
+            assert p.dtype == torch.float32, name
+    counts = count_parameters(student)
+    assert counts["trainable"] == sum(counts["groups"].values())
+    assert counts["groups"]["new_conv_out"] == 32 * 2 * C * 9 + 2 * C  # 3x3 conv 32 -> 2C
+
+
+def test_objects_do_not_mix_through_the_student(student):
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(2 * P, 4, 8, 8, generator=gen)
+    t = torch.full((2 * P,), 500)
+    text = torch.randn(2, 77, 32, generator=gen)
+    z2 = z.clone()
+    z2[:P] += 1.0
+    with torch.no_grad():
+        a, b = student.predict_x0(z, t, text), student.predict_x0(z2, t, text)
+    torch.testing.assert_close(a[P:], b[P:], atol=1e-6, rtol=0)
+    assert (a[:P] - b[:P]).abs().amax() > 1e-3
+
+
+def _randomized(seed: int, **kw):
+    model = _student(**kw)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    return model
+
+
+def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    src = _randomized(7)
+    path = tmp_path / "adapters.safetensors"
+    save_trainable(src, path)
+    dst = _student()  # same base weights (seed 0), fresh adapters
+    load_trainable(dst, path)
+    want, got = trainable_state_dict(src), trainable_state_dict(dst)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    z, t = torch.randn(P, 4, 8, 8), torch.full((P,), 300)
+    text = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.equal(src.predict_x0(z, t, text), dst.predict_x0(z, t, text))
+
+
+def test_load_fails_loudly_naming_the_key(tmp_path):
+    model = _randomized(7)
+    path, bad = tmp_path / "a.safetensors", tmp_path / "bad.safetensors"
+    save_trainable(model, path)
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A"
+
+    _rewrite(path, bad, edit_tensors=lambda t: t.pop(key))
+    with pytest.raises(KeyError, match=r"missing keys \['unet\.down_blocks\.0\.attentions"):
+        load_trainable(model, bad)
+    _rewrite(path, bad, edit_tensors=lambda t: t.update({"unet.extra.lora_A": torch.zeros(1)}))
+    with pytest.raises(KeyError, match="unexpected keys \\['unet.extra.lora_A'\\]"):
+        load_trainable(model, bad)
+    _rewrite(path, bad, edit_tensors=lambda t: t.update({key: t[key][:, :2].clone()}))
+    with pytest.raises(ValueError, match="shape mismatch.*attn1.to_q.lora_A"):
+        load_trainable(model, bad)
+    _rewrite(path, bad, edit_meta=lambda m: m.update(arch="sd21"))
+    with pytest.raises(ValueError, match="metadata arch='sd21', model has 'tiny'"):
+        load_trainable(model, bad)
+    _rewrite(path, bad, edit_meta=lambda m: m.update(lora_rank="8"))
+    with pytest.raises(ValueError, match="lora_rank"):
+        load_trainable(model, bad)
+    with pytest.raises(ValueError, match="other base weights"):
+        load_trainable(_student(seed=1), path)  # a different base model
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_meta_build_counts_sd21_without_memory():
+    rss0 = _rss_mb()
+    model = build_student(StudentConfig(arch="sd21"), device="meta")
+    counts = count_parameters(model)
+    grown_mb = _rss_mb() - rss0  # real weights would be 5 GiB in fp32
+    print("sd21 PETA counts:", counts, f"RSS growth {grown_mb:.0f} MB")
+    assert grown_mb < 200
+    assert next(model.unet.parameters()).device.type == "meta"
+    mods = model.peta_modules
+    assert (len(mods.unet_conv_lora), len(mods.vae_conv_lora)) == (64, 33)  # DESIGN's counts
+    assert (len(mods.plane_lora), len(mods.joint_attention)) == (64, 16)
+    # Per-plane LoRA, analytic: 6 planes x 4 projections x rank 16 x (d + d) per block,
+    # with d summed over SD 2.1's 16 transformer blocks.
+    widths = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
+    assert counts["groups"]["plane_lora"] == 6 * 4 * 16 * 2 * sum(widths)
+    # SD 2.1 UNet 865,910,724; VAE decoder 49,490,179 + post_quant_conv 20 - old conv_out 3,459
+    assert counts["frozen"] == 865_910_724 + 49_486_740
+    assert abs(counts["trainable"] / 22.7e6 - 1) < 0.01  # DESIGN: about 22.7M
+    assert 0.024 < counts["ratio"] < 0.026  # DESIGN: 2.5%
+
+
+def test_missing_pretrained_folder_names_path_and_files(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError) as err:
+        build_student(StudentConfig(arch="tiny", pretrained=str(tmp_path)))
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "unet/diffusion_pytorch_model.safetensors" in msg
+    assert "scheduler/scheduler_config.json" in msg
+
+
+def test_pretrained_folder_round_trip(tmp_path, student):
+    """A diffusers-format folder written from the tiny base loads into the same student."""
+    torch.manual_seed(0)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from prd.student import TINY_TEXT, TINY_UNET, TINY_VAE, sd_scheduler
+
+    text = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
+    unet = UNet2DConditionModel(**TINY_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    text.save_pretrained(tmp_path / "text_encoder")
+    unet.save_pretrained(tmp_path / "unet")
+    vae.save_pretrained(tmp_path / "vae")
+    student.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    sd_scheduler().save_pretrained(tmp_path / "scheduler")
+
+    loaded = build_student(StudentConfig(arch="tiny", pretrained=str(tmp_path)))
+    torch.manual_seed(0)
+    built = build_student(StudentConfig(arch="tiny"))
+    for name in ("unet.conv_in.weight", "decoder.mid_block.resnets.0.conv1.base_layer.weight"):
+        assert torch.equal(loaded.get_parameter(name), built.get_parameter(name)), name
+    with pytest.raises(ValueError, match="block_out_channels"):
+        build_student(StudentConfig(arch="sd21", pretrained=str(tmp_path)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = _randomized(3, gradient_checkpointing=ckpt).train()
+        assert model.unet.is_gradient_checkpointing == ckpt
+        z = torch.randn(P, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        t = torch.full((P,), 600)
+        geo, tex = model.decode(model.predict_x0(z, t, torch.ones(1, 77, 32)))
+        (geo.square().mean() + tex.mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in trainable_state_dict(model).items()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
