@@ -47,3 +47,22 @@ def test_missing_bpe_file_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps open_clip_torch"):
         build_clip_tokenizer()
+
+
+def test_token_counter_equals_tokenizer(tok):
+    import random
+
+    from prompts.tokenizer import TokenCounter, truncate_to_tokens
+
+    rng = random.Random(0)
+    chars = "abcdefgh ,.'!-éü1😀中\t"
+    texts = ["It's the dog's ball, isn't it?? 123abc", "Café ÉMIGRÉ naïve ﬁ", "кот", "x" * 300]
+    texts += ["".join(rng.choices(chars, k=rng.randint(0, 60))) for _ in range(500)]
+    counter = TokenCounter(tok)
+    assert counter(texts) == count_tokens(tok, texts)
+    assert counter(texts[:3]) == count_tokens(tok, texts[:3])  # memoized path
+
+    long = "a photo of a big cat " * 20
+    cut = truncate_to_tokens(tok, [long, "short"], 77)
+    assert cut[1] == "short" and count_tokens(tok, cut[:1]) == [77]
+    assert long.startswith(cut[0]) and cut[0].endswith("of")  # cut at a word boundary
