@@ -64,6 +64,9 @@ class VolumeConfig:
     """Rays per object rendered at once; bounds memory when no graph is kept."""
     clip_to_bound: bool = True
     """March only where [near, far] meets the field's cube [-bound, bound]^3."""
+    color_min_weight: float = 0.0
+    """Evaluate colour only at samples whose weight exceeds this (others count as black,
+    an error of at most their summed weight); 0 evaluates everywhere (exact)."""
 
     def __post_init__(self):
         if self.n_uniform < 2:
@@ -82,6 +85,8 @@ class VolumeConfig:
             raise ValueError(f"global_size must be >= 1, got {self.global_size}")
         if len(self.background) != 3 or not all(0.0 <= c <= 1.0 for c in self.background):
             raise ValueError(f"background must be 3 values in [0, 1], got {self.background}")
+        if not 0.0 <= self.color_min_weight < 1.0:
+            raise ValueError(f"color_min_weight must lie in [0, 1), got {self.color_min_weight}")
         if self.chunk_rays < 1:
             raise ValueError(f"chunk_rays must be >= 1, got {self.chunk_rays}")
 
@@ -170,6 +175,23 @@ def sample_pdf(edges: torch.Tensor, weights: torch.Tensor, u: torch.Tensor) -> t
     return e_lo + frac.clamp(0.0, 1.0) * (e_hi - e_lo)
 
 
+def _colors(field, pts: torch.Tensor, w: torch.Tensor, min_weight: float) -> torch.Tensor:
+    """(B, N, 3) colours at pts (B, N, 3); with min_weight > 0 only samples of weight
+    above it are evaluated (padded to the same count per object), the rest are 0."""
+    if min_weight <= 0.0:
+        return field.color(pts)
+    b = pts.shape[0]
+    keep = w.detach().reshape(b, -1) > min_weight
+    k = int(keep.sum(dim=1).max())
+    out = torch.zeros_like(pts)
+    if k == 0:
+        return out
+    # Kept samples first (stable: in ray order); other objects' padding is real samples.
+    idx = torch.argsort(keep.to(torch.uint8), dim=1, descending=True, stable=True)[:, :k]
+    idx3 = idx[..., None].expand(-1, -1, 3)
+    return out.scatter(1, idx3, field.color(pts.gather(1, idx3)))
+
+
 def _march(field, o, d, t_near, t_far, jitter, u_imp, cfg, background, create_graph):
     """Render one chunk: o, d (B, R, 3); t_near, t_far (B, R); jitter (B, R, n_uniform) in
     [0, 1) (0.5 = midpoints); u_imp (B, R, n_importance); background (B, R, 3)."""
@@ -204,17 +226,16 @@ def _march(field, o, d, t_near, t_far, jitter, u_imp, cfg, background, create_gr
         # the graph it differentiates, so take the (constant) normals apart.
         _, grad = sdf_and_normal(field, pts, create_graph=False)
         f = field.sdf(pts)
-    rgb = field.color(pts)
     if not grad_on:
         f, grad = f.detach(), grad.detach()
     f = f.reshape(b, r, -1)
     grad = grad.reshape(b, r, -1, 3)
-    rgb = rgb.reshape(b, r, -1, 3)
 
     slope = (grad * d[:, :, None, :]).sum(dim=-1).clamp(max=0.0)  # d f / d t, entering only
     f_prev = f - 0.5 * slope * delta
     f_next = f + 0.5 * slope * delta
     w, opacity = _weights(_log_transmittance_steps(f_prev, f_next, s))
+    rgb = _colors(field, pts, w, cfg.color_min_weight).reshape(b, r, -1, 3)
     grad_norm = grad.norm(dim=-1)
     unit = grad / grad_norm.clamp(min=1e-12)[..., None]
     return VolumeRender(

@@ -289,3 +289,32 @@ def test_rays_missing_the_cube_are_transparent_and_config_checks():
             VolumeConfig(**bad)
     with pytest.raises(ValueError, match="background"):
         render_rays(field, origins, dirs, VolumeConfig(), background=torch.zeros(3, 3))
+
+
+def test_colour_only_where_weights_matter():
+    # Skipping colour at samples of weight <= eps changes a pixel by at most the weight it
+    # skips (colours in [0, 1]); the field is asked for far fewer colours.
+    calls = []
+
+    class Counting(SphereField):
+        def color(self, points):
+            calls.append(points.shape[1])
+            return super().color(points)
+
+    cams = orbit_cameras(torch.tensor([0.0, 120.0]), 10.0, 1.8, dtype=F64)
+    field = Counting(torch.tensor([0.4, 0.3]), color=[[0.9, 0.5, 0.1], [0.2, 0.7, 0.4]])
+    exact_cfg = VolumeConfig(resolution=16, n_uniform=64, n_importance=32)
+    eps = 1e-4
+    with torch.no_grad():
+        exact = render_views(field, cams, exact_cfg, 1)
+        sparse_cfg = VolumeConfig(
+            resolution=16, n_uniform=64, n_importance=32, color_min_weight=eps
+        )
+        sparse = render_views(field, cams, sparse_cfg, 1)
+    w = exact.rays.weights
+    skipped = torch.where(w <= eps, w, torch.zeros_like(w)).sum(-1).reshape(2, 16, 16, 1)
+    diff = (sparse.images.rgb - exact.images.rgb).abs()
+    assert (diff <= skipped + 1e-9).all()
+    assert diff.max() > 0  # something was skipped
+    assert calls[1] < 0.3 * calls[0], calls
+    torch.testing.assert_close(sparse.images.opacity, exact.images.opacity)
