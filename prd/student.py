@@ -289,7 +289,7 @@ class PRDStudent(nn.Module):
         n, p, c = x0.shape[0], self.cfg.planes, self.cfg.triplane_channels
         if n % p:
             raise ValueError(f"x0 batch {n} is not a multiple of {p} planes")
-        z = self.post_quant_conv(x0.to(self.unet.dtype) / self.scaling_factor)
+        z = self.post_quant_conv(x0.to(self.post_quant_conv.weight.dtype) / self.scaling_factor)
         feats = self.decoder(z)  # (B*6, 2C, H, W)
         feats = feats.view(n // p, p, 2 * c, *feats.shape[-2:])
         return feats[:, :3, :c], feats[:, 3:, c:]
