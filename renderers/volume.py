@@ -192,7 +192,7 @@ def _colors(field, pts: torch.Tensor, w: torch.Tensor, min_weight: float) -> tor
     return out.scatter(1, idx3, field.color(pts.gather(1, idx3)))
 
 
-def _march(field, o, d, t_near, t_far, jitter, u_imp, cfg, background, create_graph):
+def _march(field, o, d, t_near, t_far, jitter, u_imp, background, cfg, create_graph):
     """Render one chunk: o, d (B, R, 3); t_near, t_far (B, R); jitter (B, R, n_uniform) in
     [0, 1) (0.5 = midpoints); u_imp (B, R, n_importance); background (B, R, 3)."""
     b, r, _ = o.shape
@@ -303,23 +303,11 @@ def render_rays(
         u_imp = (q + _uniforms((b, r, cfg.n_importance), generator, origins)) / max(
             cfg.n_importance, 1
         )
-    parts = []
-    for lo in range(0, r, cfg.chunk_rays):
-        sl = slice(lo, lo + cfg.chunk_rays)
-        parts.append(
-            _march(
-                field,
-                origins[:, sl],
-                dirs[:, sl],
-                t_near[:, sl],
-                t_far[:, sl],
-                jitter[:, sl],
-                u_imp[:, sl],
-                cfg,
-                bg[:, sl],
-                create_graph,
-            )
-        )
+    per_ray = (origins, dirs, t_near, t_far, jitter, u_imp, bg)
+    parts = [
+        _march(field, *(x[:, lo : lo + cfg.chunk_rays] for x in per_ray), cfg, create_graph)
+        for lo in range(0, r, cfg.chunk_rays)
+    ]
     if len(parts) == 1:
         return parts[0]
     names = VolumeRender.__dataclass_fields__
