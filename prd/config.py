@@ -25,15 +25,38 @@ class PromptsConfig:
     """Where training prompts come from."""
 
     source: str | None = None
-    """A curated prompt folder (``prd prompts curate`` output); None uses ``prompts``."""
+    """A curated prompt folder (``prd prompts curate`` output)."""
+    file: str | None = None
+    """A text file with one prompt a line (relative paths: to the working directory)."""
     prompts: list[str] = field(default_factory=list)
-    """Inline training prompts, used when ``source`` is None."""
+    """Inline training prompts."""
     shuffle: bool = True
     """Shuffle each epoch (deterministically from the run's seed)."""
 
     def __post_init__(self):
+        given = [k for k in ("source", "file") if getattr(self, k) is not None]
+        if len(given) + bool(self.prompts) > 1:
+            raise ValueError("prompts: give one of prompts.source, prompts.file, prompts.prompts")
         if self.source is not None and not Path(self.source).is_dir():
             raise ValueError(f"prompts.source {self.source!r} is not a folder")
+        if self.file is not None and not Path(self.file).is_file():
+            raise ValueError(f"prompts.file {self.file!r} is not a file")
+
+    def resolve(self) -> str | list[str]:
+        """What the prompt stream reads: a curated folder or a list of prompts."""
+        if self.source is not None:
+            return self.source
+        if self.file is not None:
+            lines = Path(self.file).read_text().splitlines()
+            prompts = [s.strip() for s in lines if s.strip()]
+            if not prompts:
+                raise ValueError(f"prompts.file {self.file} holds no prompts")
+            return prompts
+        if not self.prompts:
+            raise ValueError(
+                "no training prompts: set prompts.source, prompts.file or prompts.prompts"
+            )
+        return list(self.prompts)
 
 
 @dataclass
@@ -65,6 +88,9 @@ class TrainConfig:
     """"auto" (CUDA when present), "cpu" or "cuda"."""
     seed: int = 0
     """Base seed; rank r draws from seed + 1000 * r."""
+    torch_threads: int = 0
+    """CPU threads per process (torch.set_num_threads); 0 keeps torch's default. On a
+    small shared CPU, 1 per rank avoids oversubscription."""
     eikonal: Ramp = field(default_factory=lambda: Ramp(1.0, 0.0, 20000))
     """Weight of the eikonal loss on the volume branch (reference: 1 -> 0 over 20k)."""
     sparsity: Ramp = field(default_factory=lambda: Ramp(1.0, 0.0, 20000))
@@ -96,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"train.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.torch_threads < 0:
+            raise ValueError(f"train.torch_threads must be >= 0, got {self.torch_threads}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.ckpt_every < 1 or self.keep_ckpts < 1 or self.max_nonfinite_in_row < 1:

@@ -70,6 +70,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "bf16": {"enabled": t.precision == "bf16"},
         "gradient_clipping": t.grad_clip,
         "steps_per_print": 10**9,
+        # Adan (pytorch-optimizer) is not on DeepSpeed's list of ZeRO-tested optimizers; it
+        # keeps plain per-parameter state, which ZeRO partitions like Adam's.
+        "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
     if t.deepspeed_json:
@@ -93,9 +96,8 @@ def make_optimizer(cfg: Config, params):
 
 
 def make_stream(cfg: Config, info: distributed.DistInfo) -> PromptStream:
-    source = cfg.prompts.source if cfg.prompts.source is not None else list(cfg.prompts.prompts)
     return PromptStream(
-        source,
+        cfg.prompts.resolve(),
         cfg.train.batch_size,
         rank=info.rank,
         world_size=info.world_size,
@@ -119,8 +121,9 @@ def check_resumable(saved_yaml: str, cfg: Config, run_dir: Path) -> None:
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Run (or resume) distillation into ``run_dir``; returns a summary of the last step."""
-    if cfg.prompts.source is None and not cfg.prompts.prompts:
-        raise ValueError("no training prompts: set prompts.source or prompts.prompts")
+    cfg.prompts.resolve()  # fail before any process group or model exists
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
     info = distributed.setup(cfg.train.device)
     import deepspeed
 
