@@ -55,7 +55,10 @@ def summarize(rows: list[dict]) -> dict:
         if not ok:
             out[split] = {"n": n_all, "empty": n_all}
             continue
-        mean = lambda k: sum(r[k] for r in ok) / len(ok)  # noqa: E731
+
+        def mean(key: str, rows=ok) -> float:
+            return sum(r[key] for r in rows) / len(rows)
+
         out[split] = {
             "n": n_all,
             "empty": n_all - len(ok),
