@@ -7,8 +7,8 @@ import importlib.util
 
 import torch
 
-from renderers.raster import antialias as _aa
 from renderers.raster import torch_raster as _tr
+from renderers.raster.antialias import antialias as _antialias
 
 
 def nvdiffrast_available() -> bool:
@@ -33,7 +33,7 @@ class TorchRaster:
 
     def antialias(self, color, rast, pos, tri):
         """See ``renderers.raster.antialias.antialias``."""
-        return _aa.antialias(color, rast, pos, tri)
+        return _antialias(color, rast, pos, tri)
 
 
 class NvdiffrastRaster:
