@@ -122,8 +122,12 @@ def marching_cubes(sdf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
     # scikit-image's default orientation points normals to increasing values (checked
     # by tests/test_isosurface.py); allow_degenerate=True skips its slow cleanup pass,
-    # since surface_edges merges the duplicates itself.
-    verts, faces, _, _ = _skimage_marching_cubes(sdf, 0.0, allow_degenerate=True)
+    # since surface_edges merges the duplicates itself. method="lorensen": Lewiner's
+    # variant (the default) resolves ambiguous cells with vertices *inside* the cell,
+    # which lie on no grid edge and so cannot be re-interpolated differentiably.
+    verts, faces, _, _ = _skimage_marching_cubes(
+        sdf, 0.0, method="lorensen", allow_degenerate=True
+    )
     return verts.astype(np.float64), faces.astype(np.int64)
 
 

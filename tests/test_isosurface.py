@@ -194,3 +194,18 @@ def test_surface_edges_rejects_vertices_off_grid_edges():
         surface_edges(np.array([[1.5, 2.5, 2.0]]), faces, sdf)
     with pytest.raises(RuntimeError, match="sign change"):
         surface_edges(np.array([[2.5, 2.0, 2.0]]), faces, sdf)
+
+
+def test_ambiguous_cells_of_a_noisy_grid_give_vertices_on_sign_change_edges():
+    # Random SDF values make many ambiguous cells, where Lewiner's marching cubes would put
+    # vertices inside cells (no grid edge to re-interpolate along); every vertex must lie
+    # on an edge whose corners change sign.
+    from renderers.isosurface import marching_cubes, surface_edges
+
+    rng = np.random.default_rng(0)
+    sdf = rng.standard_normal((12, 12, 12)).astype(np.float32)
+    verts, faces = marching_cubes(sdf)
+    edges, faces = surface_edges(verts, faces, sdf)
+    flat = sdf.reshape(-1)
+    assert len(faces) > 100
+    assert (flat[edges[:, 0]] * flat[edges[:, 1]] < 0).all()
