@@ -1,7 +1,11 @@
 """The ``prd`` command: ``prd train``, ``prd sample``, ``prd params``, ``prd prompts``.
 
-Each subcommand's module adds its own arguments (``add_arguments``) and runs it (``run``),
-so ``prd --help`` stays fast: heavy imports happen inside ``run``.
+Each subcommand's module adds its own arguments (``add_arguments``) and runs it (``run``).
+
+Errors in what the user gave (a config key, a path, a device: ValueError, which includes
+``prd.configio.ConfigError``, and OSError such as FileNotFoundError) print one line
+``prd <cmd>: error: <message>`` on stderr and exit with status 2, as argparse does for bad
+arguments; ``prd --traceback <cmd> ...`` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="prd",
         description="Progressive Rendering Distillation: text-to-mesh from Stable Diffusion.",
     )
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the traceback of errors in user input"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module, text in (
         ("train", train, "distill a student with its teachers (DeepSpeed)"),
@@ -33,9 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USAGE_ERROR = 2
+"""Exit status of a user error (argparse's, for bad arguments)."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``prd`` with ``argv`` (default sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, OSError) as exc:
+        if args.traceback:
+            raise
+        print(f"prd {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ on the merged result.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -49,10 +50,12 @@ def load_config(
     """Merge YAML ``files`` (in order) and ``key=value`` overrides onto ``schema``'s defaults.
 
     Returns an instance of ``schema`` (nested dataclasses built through their __init__,
-    so every __post_init__ check runs). Raises ConfigError naming the offending key.
+    so every __post_init__ check runs). Raises ConfigError naming the offending key (a
+    failed __post_init__ check: the dotted name of its section, unless the check's own
+    message starts with it).
     """
     merged = OmegaConf.structured(schema)
-    layers: list[tuple[str, object]] = []
+    layers: list[tuple[str, DictConfig]] = []
     for f in files or []:
         layers += [(str(f), OmegaConf.create(d)) for d in read_overlay(f)]
     for item in overrides or []:
@@ -63,17 +66,62 @@ def load_config(
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            msg = str(exc.msg).splitlines()[0]
-            raise ConfigError(f"{origin}: bad config key '{key}': {msg}") from None
+            key = getattr(exc, "full_key", None) or _failing_key(merged, layer)
+            raise ConfigError(f"{origin}: bad config key '{key}': {_message(exc)}") from None
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        msg = str(exc.msg).splitlines()[0]
-        raise ConfigError(f"bad config value at '{key}': {msg}") from None
-    except ValueError as exc:  # a dataclass __post_init__ check; its message names the field
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(f"bad config value at '{key}': {_message(exc)}") from None
+    except ValueError as exc:  # a dataclass __post_init__ check
+        raise ConfigError(_locate_check(merged, "") or str(exc)) from exc
+
+
+def _message(exc: OmegaConfBaseException) -> str:
+    return str(getattr(exc, "msg", None) or exc).splitlines()[0]
+
+
+def _leaves(data: DictConfig, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a mapping (lists are leaves)."""
+    out = []
+    for key in data:
+        value = data._get_node(key)
+        name = f"{prefix}{key}"
+        if isinstance(value, DictConfig) and len(value):
+            out += _leaves(value, f"{name}.")
+        else:
+            out.append((name, value))
+    return out
+
+
+def _failing_key(merged: DictConfig, layer: DictConfig) -> str:
+    """The first leaf of ``layer`` that does not merge (omegaconf names no key for some
+    errors, e.g. a tuple of the wrong length)."""
+    for key, value in _leaves(layer):
+        single = OmegaConf.create()
+        OmegaConf.update(single, key, value, force_add=True)
+        try:
+            OmegaConf.merge(merged, single)
+        except OmegaConfBaseException:
+            return key
+    return "?"
+
+
+def _locate_check(node: DictConfig, path: str) -> str | None:
+    """The message of the innermost section whose __post_init__ fails, prefixed with the
+    section's dotted name; None when every section of ``node`` builds."""
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            found = _locate_check(child, f"{path}{key}.")
+            if found:
+                return found
+    try:
+        OmegaConf.to_object(node)
+    except ValueError as exc:
+        msg, section = str(exc), path.rstrip(".")
+        return msg if not section or msg.startswith(section) else f"{section}: {msg}"
+    return None
 
 
 def to_yaml(cfg) -> str:

@@ -33,10 +33,21 @@ class PRDModel(nn.Module):
         return self.decoder.bind(geometry, texture)
 
 
-def build_model(cfg, device=None, dtype=torch.float32) -> PRDModel:
+def build_model(cfg, device=None, dtype=torch.float32, seed: int | None = None) -> PRDModel:
     """The model of a ``prd.config.Config``: student per cfg.student, MLPs per cfg.field.
 
-    The field decoder's channel count must equal the student's triplane channels."""
+    seed: when given, random initial weights are drawn as after ``torch.manual_seed(seed)``
+    (what ``prd train`` does with ``train.seed`` on rank 0), from a forked RNG so the
+    caller's global RNG state is left untouched; None draws from the global RNG as it is.
+    Sampling relies on it: the in-code base weights of a run must be rebuilt exactly for
+    its exported adapters to load. The field decoder's channel count must equal the
+    student's triplane channels."""
+    if seed is not None:
+        dev = torch.device(device or "cpu")
+        cuda = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            return build_model(cfg, device=device, dtype=dtype)
     student = build_student(cfg.student, device=device, dtype=dtype)
     field_cfg: FieldConfig = cfg.field
     if field_cfg.channels != cfg.student.triplane_channels:

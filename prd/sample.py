@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import torch
 
 from prd.config import Config, SampleConfig, load
 from prd.configio import load_config_text
-from prd.export import export_mesh, slugify
+from prd.export import SUFFIXES, export_mesh, slugify
 from prd.model import PRDModel, build_model
 from prd.progressive import add_noise, eps_from_x0, progressive_timesteps
 from prd.weights import load_weights, read_config_yaml
@@ -92,6 +93,10 @@ def generate(
     return Sample(prompt, mesh.verts, mesh.faces, colors, fld)
 
 
+TRAINING_PATHS = ("prompts.source", "prompts.file", "train.deepspeed_json")
+"""Config keys naming files that only training reads (checked to exist when loaded)."""
+
+
 def resolve_config(args) -> tuple[Config, Path | None]:
     """The config to sample with and the weights file, from --ckpt / --config / overrides."""
     weights = None
@@ -105,7 +110,11 @@ def resolve_config(args) -> tuple[Config, Path | None]:
             )
         if args.config:
             raise ValueError("--ckpt brings its own config; pass changes as key=value overrides")
-        return load_config_text(Config, read_config_yaml(weights), args.overrides), weights
+        # the run's training inputs need not exist where it is sampled (relative paths,
+        # another machine), and sampling does not read them
+        unused = [f"{key}=null" for key in TRAINING_PATHS]
+        text = read_config_yaml(weights)
+        return load_config_text(Config, text, [*unused, *args.overrides]), weights
     if not args.config:
         raise ValueError("give --config CONFIG (initial weights) or --ckpt RUN_DIR")
     return load(args.config, args.overrides), None
@@ -127,32 +136,72 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" (CUDA when present, else CPU) or a torch device usable here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)  # e.g. "cuda" on a machine without CUDA fails here
+    except (RuntimeError, AssertionError) as exc:
+        raise ValueError(f"--device {name!r} is not usable here: {exc}") from None
+    return device
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and try a file in it, so a bad --out fails before any sampling."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out: cannot write files in {folder}: {exc.strerror or exc}") from None
+
+
 def _jobs(args, cfg: Config) -> list[tuple[str, Path]]:
+    """(prompt, output path) pairs, checked before the model is built. Several prompts with
+    one slug get "-2", "-3", ... suffixes so no file overwrites another."""
+    out = Path(args.out)
+    if out.suffix and out.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"--out {out}: a mesh file must end in one of {SUFFIXES}")
     if args.prompt is not None:
-        out = Path(args.out)
         if out.suffix == "":
             out = out / f"{slugify(args.prompt)}.{cfg.sample.format}"
+        _check_writable(out.parent)
         return [(args.prompt, out)]
-    lines = Path(args.prompts_file).read_text().splitlines()
-    prompts = [s.strip() for s in lines if s.strip()]
+    if out.suffix:
+        raise ValueError(f"--out {out}: with --prompts-file, --out names a folder")
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {path}: no such file")
+    prompts = [s.strip() for s in path.read_text().splitlines() if s.strip()]
     if not prompts:
-        raise ValueError(f"{args.prompts_file} holds no prompts")
-    return [(p, Path(args.out) / f"{slugify(p)}.{cfg.sample.format}") for p in prompts]
+        raise ValueError(f"--prompts-file {path} holds no prompts")
+    jobs, seen = [], {}
+    for prompt in prompts:
+        slug = slugify(prompt)
+        seen[slug] = seen.get(slug, 0) + 1
+        name = slug if seen[slug] == 1 else f"{slug}-{seen[slug]}"
+        jobs.append((prompt, out / f"{name}.{cfg.sample.format}"))
+    _check_writable(out)
+    return jobs
 
 
 def run(args) -> int:
     cfg, weights = resolve_config(args)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
+    jobs = _jobs(args, cfg)
+    if args.texture and any(out.suffix.lower() != ".glb" for _, out in jobs):
+        raise ValueError("--texture bakes a texture into .glb files only")
     timer = Timer()
     with timer("build_model"):
-        model = build_model(cfg, device=device).eval()
+        # train.seed: the initial weights prd train starts from (rank 0), so the in-code
+        # base weights of a tiny run are rebuilt exactly for its adapters
+        model = build_model(cfg, device=device, seed=cfg.train.seed).eval()
         if weights is not None:
             load_weights(model, weights)
     status = 0
-    for prompt, out in _jobs(args, cfg):
+    for prompt, out in jobs:
         timer_p = Timer()
         try:
             sample = generate(model, prompt, cfg.sample, args.seed, timer_p)
