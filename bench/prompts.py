@@ -1,7 +1,7 @@
 """Benchmark prompt curation and streaming on a synthetic corpus with planted duplicates.
 
-    python bench/prompts.py                 # 1.7M lines (the paper's prompt count)
-    python bench/prompts.py --lines 100000  # quicker
+    python -m bench.prompts                 # 1.7M lines (the paper's prompt count)
+    python -m bench.prompts --lines 100000  # quicker
 
 Prints: curation wall time, peak resident memory, exact and near-duplicate recall and
 precision against the planted labels, and streaming throughput (prompts/s) of
@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import random
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from prompts.config import CurateConfig  # noqa: E402
-from prompts.curate import curate, load_manifest  # noqa: E402
-from prompts.stream import PromptStream  # noqa: E402
+from prompts.config import CurateConfig
+from prompts.curate import curate, load_manifest
+from prompts.stream import PromptStream
 
 STYLES = ["", ", 8k", ", trending on artstation", " --ar 16:9", ", highly detailed, 4k"]
 
