@@ -160,11 +160,12 @@ SD21_VAE = dict(
     sample_size=768,
     scaling_factor=0.18215,
 )
+# Three decoder blocks: planes upsample x4 (8 -> 32), enough texels for the oracle scenes.
 TINY_VAE = dict(
     SD21_VAE,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 32, 64),
     layers_per_block=1,
     norm_num_groups=8,
     sample_size=16,

@@ -119,8 +119,9 @@ def test_only_adapters_train_and_they_are_fp32():
             if p.requires_grad:
                 assert p.dtype == torch.float32, name
     # tiny UNet: 9 resnets (2 convs each, 5 with shortcuts), 1 down-, 1 upsampler;
-    # tiny decoder: 5 resnets (1 shortcut), 1 upsampler, 1 mid attention (conv_in/out excluded)
-    assert (len(added.unet_conv_lora), len(added.vae_conv_lora)) == (23, 14)
+    # tiny decoder: 8 resnets (2 mid + 3 up blocks of 2; 1 shortcut), 2 upsamplers, 1 mid
+    # attention (conv_in/out excluded)
+    assert (len(added.unet_conv_lora), len(added.vae_conv_lora)) == (23, 19)
     assert len(added.vae_attn_lora) == 4
 
 

@@ -91,8 +91,8 @@ def test_decode_splits_channels_and_orders_planes(student):
         geo, tex = student.decode(x0)
         # SD decodes z / scaling_factor through post_quant_conv and the decoder.
         feats = student.decoder(student.post_quant_conv(x0 / 0.18215))
-    assert geo.shape == tex.shape == (2, 3, C, 16, 16)
-    assert feats.shape == (2 * P, 2 * C, 16, 16)
+    assert geo.shape == tex.shape == (2, 3, C, 32, 32)
+    assert feats.shape == (2 * P, 2 * C, 32, 32)
     for b in range(2):
         for k in range(3):  # xy, xz, yz
             assert torch.equal(geo[b, k], feats[b * P + k, :C])
