@@ -1,6 +1,8 @@
 """The ``prd`` command: ``prd train``, ``prd sample``, ``prd params``, ``prd prompts``.
 
 Each subcommand's module adds its own arguments (``add_arguments``) and runs it (``run``).
+Only the module of the command being run is imported (torch and diffusers take seconds
+to import), so ``prd --help`` answers at once.
 
 Errors in what the user gave (a config key, a path, a device: ValueError, which includes
 ``prd.configio.ConfigError``, and OSError such as FileNotFoundError) print one line
@@ -13,11 +15,38 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prd import params_cmd, sample, train
-from prompts import cli as prompts_cli
+
+def _train():
+    from prd import train
+
+    return train
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _sample():
+    from prd import sample
+
+    return sample
+
+
+def _params():
+    from prd import params_cmd
+
+    return params_cmd
+
+
+COMMANDS = (
+    ("train", "distill a student with its teachers (DeepSpeed)", _train),
+    ("sample", "turn prompts into mesh files with a trained student", _sample),
+    ("params", "count trainable and frozen parameters (no weights loaded)", _params),
+)
+"""(name, help, module loader): each module has add_arguments(parser) and run(args)."""
+
+USAGE_ERROR = 2
+"""Exit status of a user error (argparse's, for bad arguments)."""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the arguments of subcommand ``command`` only (all when None)."""
     parser = argparse.ArgumentParser(
         prog="prd",
         description="Progressive Rendering Distillation: text-to-mesh from Stable Diffusion.",
@@ -26,27 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--traceback", action="store_true", help="show the traceback of errors in user input"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module, text in (
-        ("train", train, "distill a student with its teachers (DeepSpeed)"),
-        ("sample", sample, "turn prompts into mesh files with a trained student"),
-        ("params", params_cmd, "count trainable and frozen parameters (no weights loaded)"),
-    ):
+    for name, text, loader in COMMANDS:
         p = sub.add_parser(name, help=text, description=text)
-        module.add_arguments(p)
-        p.set_defaults(run=module.run)
+        if command in (None, name):
+            module = loader()
+            module.add_arguments(p)
+            p.set_defaults(run=module.run)
     p = sub.add_parser("prompts", help="curate prompt sets", description="curate prompt sets")
-    prompts_cli.add_commands(p.add_subparsers(dest="prompts_command", required=True))
-    p.set_defaults(run=prompts_cli.run)
+    if command in (None, "prompts"):
+        from prompts import cli as prompts_cli
+
+        prompts_cli.add_commands(p.add_subparsers(dest="prompts_command", required=True))
+        p.set_defaults(run=prompts_cli.run)
     return parser
-
-
-USAGE_ERROR = 2
-"""Exit status of a user error (argparse's, for bad arguments)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``prd`` with ``argv`` (default sys.argv[1:]); returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except (ValueError, OSError) as exc:

@@ -246,8 +246,14 @@ def test_missing_prompts_file_and_pretrained_folder(capsys, tmp_path):
 
 def test_console_help_lists_the_subcommands():
     proc = subprocess.run(
-        [sys.executable, "-m", "prd", "--help"], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-X", "importtime", "-m", "prd", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
     for command in ("train", "sample", "params", "prompts"):
         assert command in proc.stdout
+    # the help needs no subcommand module: torch and diffusers are not imported
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()}
+    assert "torch" not in imported and "diffusers" not in imported and "prd.sample" not in imported
