@@ -125,9 +125,7 @@ def marching_cubes(sdf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # since surface_edges merges the duplicates itself. method="lorensen": Lewiner's
     # variant (the default) resolves ambiguous cells with vertices *inside* the cell,
     # which lie on no grid edge and so cannot be re-interpolated differentiably.
-    verts, faces, _, _ = _skimage_marching_cubes(
-        sdf, 0.0, method="lorensen", allow_degenerate=True
-    )
+    verts, faces, _, _ = _skimage_marching_cubes(sdf, 0.0, method="lorensen", allow_degenerate=True)
     return verts.astype(np.float64), faces.astype(np.int64)
 
 
