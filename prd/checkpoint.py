@@ -4,18 +4,23 @@ Layout of a run folder:
   config.yaml                      the full resolved config of the run
   ckpt/step_00000100/              one DeepSpeed checkpoint (model + optimizer states)
   ckpt/step_00000100/trainer_rank0.pt   step, RNG states, prompt-stream position of rank 0
-  ckpt/latest                      DeepSpeed's pointer to the newest *complete* checkpoint
+  ckpt/latest                      the tag of the newest *complete* checkpoint
   export/step_00000100.safetensors trainable weights alone (what ``prd sample`` loads)
   export/latest.safetensors        a copy of the newest export
+  metrics.jsonl                    one JSON line per step (``prd.train``)
 
-Kill safety: DeepSpeed writes ``ckpt/latest`` only after all files of a checkpoint are
-written; our per-rank trainer states are written into the tag folder *before* DeepSpeed
-saves, so a kill mid-save leaves ``latest`` on the previous complete checkpoint. Exports
-are written to a temporary name and renamed.
+Kill safety: our per-rank trainer states, then DeepSpeed's files, are written into the
+tag folder; only when every rank has finished (a barrier) does rank 0 point
+``ckpt/latest`` at the tag, by renaming a temporary file. DeepSpeed's own ``latest`` is
+not used: it is written in place, and before the other ranks are done. A kill mid-save
+thus leaves ``latest`` on the previous complete checkpoint; the partial tag folder is
+overwritten when training reaches that step again. Exports are written to a temporary
+name and renamed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -61,9 +66,23 @@ def save_training_state(engine, run_dir: Path, step: int, rank: int, trainer_sta
     os.replace(tmp, ckpt / tag / f"trainer_rank{rank}.pt")
     barrier()
     engine.save_checkpoint(
-        str(ckpt), tag=tag, client_state={"step": step}, exclude_frozen_parameters=True
+        str(ckpt),
+        tag=tag,
+        client_state={"step": step},
+        save_latest=False,
+        exclude_frozen_parameters=True,
     )
+    barrier()  # every rank's files are complete
+    if rank == 0:
+        write_atomic(ckpt / "latest", tag)
     barrier()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that a reader sees the old or the new file, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def latest_step(run_dir: Path) -> int | None:
@@ -115,3 +134,29 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 def export_path(run_dir: Path, step: int | None = None) -> Path:
     name = "latest" if step is None else tag_for(step)
     return Path(run_dir) / EXPORT_DIR / f"{name}.safetensors"
+
+
+def metrics_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "metrics.jsonl"
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    """Append one step's record (rank 0 only) as a JSON line."""
+    with metrics_path(run_dir).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep the lines of steps <= ``step`` (the checkpoint a run resumes from; 0: none)."""
+    path = metrics_path(run_dir)
+    if not path.is_file():
+        return
+    # a kill mid-append leaves a last line without its newline: that step is dropped too
+    lines = path.read_text().split("\n")[:-1]
+    keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= step]
+    write_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The per-step records of a run, in step order."""
+    return [json.loads(ln) for ln in metrics_path(run_dir).read_text().splitlines() if ln]

@@ -12,6 +12,12 @@ One optimizer step, for each micro-batch of prompts:
         (K x grad_accum), which is the paper's 1/K; x0 is detached for step k + 1
   3. one optimizer step (DeepSpeed at the accumulation boundary)
 then logging and checkpoints. Nothing else runs per step.
+
+Besides TensorBoard (``RUN/tb``), rank 0 appends one JSON object a line per step to
+``RUN/metrics.jsonl``: ``{"step", "loss", "losses", "grad_norm", "lr", "seconds",
+"nonfinite_total"}``; a non-finite value is written as ``NaN`` / ``Infinity`` (Python's
+``json`` reads them). A resumed run first drops the lines past its checkpoint's step, so
+the file always holds one line per step of the run's history.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 from prd import checkpoint, distributed
 from prd.branches import mesh_branch, volume_branch
 from prd.config import Config, load
-from prd.configio import load_config_text, to_yaml
+from prd.configio import load_config_text, to_dict, to_yaml
 from prd.logs import RunLogger
 from prd.model import PRDModel, build_model
 from prd.progressive import add_noise, progressive_timesteps
@@ -106,41 +112,76 @@ def make_stream(cfg: Config, info: distributed.DistInfo) -> PromptStream:
     )
 
 
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_resumable(saved_yaml: str, cfg: Config, run_dir: Path) -> None:
     """A resumed run must be the same run: only train.steps and logging may change."""
     saved = load_config_text(Config, saved_yaml)
     free = ("steps", "log_every", "image_every", "ckpt_every", "keep_ckpts")
     for name in free:
         setattr(saved.train, name, getattr(cfg.train, name))
-    if to_yaml(saved) != to_yaml(cfg):
+    old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
         raise ValueError(
-            f"--resume: the config differs from {run_dir / 'config.yaml'} beyond "
-            f"train.{{{','.join(free)}}}; start a new run folder instead"
+            f"--resume: the config differs from {run_dir / 'config.yaml'} ({shown}); only "
+            f"train.{{{','.join(free)}}} may change on resume; start a new run folder instead"
         )
+
+
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
+    """Fail before any heavy work if ``run_dir`` does not fit ``resume`` (read-only, so
+    every rank runs it and all of them fail together)."""
+    done = checkpoint.latest_step(run_dir)
+    if not resume:
+        if done is not None:
+            raise ValueError(
+                f"{run_dir} already holds a run (checkpoint of step {done}); pass --resume "
+                "or use a new folder"
+            )
+        return
+    cfg_file = run_dir / "config.yaml"
+    if done is None or not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"--resume: {run_dir} holds no complete checkpoint and config.yaml to resume from"
+        )
+    check_resumable(cfg_file.read_text(), cfg, run_dir)
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Run (or resume) distillation into ``run_dir``; returns a summary of the last step."""
-    cfg.prompts.resolve()  # fail before any process group or model exists
+    # fail before any process group or model exists
+    run_dir = Path(run_dir)
+    if cfg.train.zero_stage == 3:
+        # measured: the renderer's SDF normals and eikonal term differentiate the field
+        # MLPs twice (autograd.grad, create_graph) outside any module forward, after
+        # ZeRO-3 has released their weights, and backward fails
+        raise ValueError("train.zero_stage=3 is not supported by prd train; use 1 or 2")
+    cfg.prompts.resolve()
+    check_run_dir(cfg, run_dir, resume)
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     info = distributed.setup(cfg.train.device)
     import deepspeed
 
-    run_dir = Path(run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg_file = run_dir / "config.yaml"
-        if resume and cfg_file.is_file():
-            check_resumable(cfg_file.read_text(), cfg, run_dir)
-        elif not resume and checkpoint.latest_step(run_dir) is not None:
-            raise ValueError(f"{run_dir} already holds a run; pass --resume or use a new folder")
-        cfg_file.write_text(to_yaml(cfg))
+        checkpoint.write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     distributed.barrier()
 
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1000 * info.rank)
-    model: PRDModel = build_model(cfg, device=info.device)
+    # the same base weights on every rank, and the ones ``prd sample`` rebuilds
+    model: PRDModel = build_model(cfg, device=info.device, seed=cfg.train.seed)
     teachers = build_teachers(
         cfg.teachers, cfg.train.background, cfg.cameras.n_views, device=info.device
     )
@@ -164,7 +205,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     ab = model.student.alphas_cumprod.to(info.device)
     timesteps = progressive_timesteps(t_cfg.progressive_steps)
     background = torch.tensor(t_cfg.background, device=info.device)
-    logger = RunLogger(run_dir, info.is_main, start, t_cfg.steps)
+    logger = RunLogger(run_dir, info.is_main, start, t_cfg.steps, log_every=t_cfg.log_every)
+    if info.is_main:
+        checkpoint.truncate_metrics(run_dir, start)
     last: dict = {}
 
     for step in range(start, t_cfg.steps):
@@ -234,19 +277,22 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         else:
             nonfinite_in_row += 1
             nonfinite_total += 1
+        # None when DeepSpeed skips the norm; inf after a skipped (non-finite) step
+        grad_norm = engine.get_global_grad_norm()
         last = {
             "step": step + 1,
             "loss": sum(v for k, v in losses.items() if k.startswith("total/")),
             "nonfinite_total": nonfinite_total,
         }
-        logger.log_step(
-            step + 1,
-            losses,
-            grad_norm=engine.get_global_grad_norm(),
-            lr=t_cfg.lr,
-            seconds=time.perf_counter() - t0,
-            nonfinite_total=nonfinite_total,
-        )
+        scalars = {
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "lr": t_cfg.lr,
+            "seconds": time.perf_counter() - t0,
+            "nonfinite_total": nonfinite_total,
+        }
+        logger.log_step(step + 1, losses, **scalars)
+        if info.is_main:
+            checkpoint.append_metrics(run_dir, {**last, "losses": losses, **scalars})
         if t_cfg.image_every and (step + 1) % t_cfg.image_every == 0:
             logger.log_images(step + 1, images)
         if nonfinite_in_row >= t_cfg.max_nonfinite_in_row:
