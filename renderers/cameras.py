@@ -105,6 +105,12 @@ class Cameras:
             pick(self.distance),
         )
 
+    @staticmethod
+    def cat(batches: list[Cameras]) -> Cameras:
+        """Concatenate camera batches along the batch dimension."""
+        names = ("c2w", "fov_y", "azimuth", "elevation", "distance")
+        return Cameras(*(torch.cat([getattr(c, n) for c in batches]) for n in names))
+
     def to(self, device=None, dtype=None) -> Cameras:
         conv = lambda t: t.to(device=device, dtype=dtype)
         return Cameras(
@@ -242,8 +248,9 @@ def world_to_clip(cameras: Cameras, near: float = 0.1, far: float = 4.0) -> torc
 
 
 def camera_space(points: torch.Tensor, cameras: Cameras) -> torch.Tensor:
-    """Transform (B, N, 3) world points (or directions with ``w=0`` semantics excluded)
-    into each camera's frame: x right, y up, z backward (visible points have z < 0)."""
+    """Transform (B, N, 3) world *points* into each camera's frame: x right, y up, z
+    backward (visible points have z < 0). Directions and normals take the rotation alone:
+    ``dirs @ cameras.w2c()[:, :3, :3].transpose(1, 2)``."""
     w2c = cameras.w2c()
     return points @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]
 

@@ -32,7 +32,8 @@ class Field(Protocol):
         ...
 
     def deformation(self, points: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3) offsets of the marching-cubes grid vertices, world units."""
+        """(B, N, 3) raw offsets of the marching-cubes grid vertices; the isosurface
+        extractor bounds them to half a grid spacing (``renderers.isosurface``)."""
         ...
 
 
@@ -43,12 +44,12 @@ def sdf_and_normal(field: Field, points: torch.Tensor, create_graph: bool = True
     norm). With ``create_graph`` the gradient is itself differentiable (training); points
     need not require grad.
     """
+    # Keep the SDF's graph when the caller will backpropagate through it.
+    keep = create_graph or torch.is_grad_enabled()
     with torch.enable_grad():
         pts = points if points.requires_grad else points.detach().requires_grad_(True)
         sdf = field.sdf(pts)
-        (grad,) = torch.autograd.grad(
-            sdf.sum(), pts, create_graph=create_graph, retain_graph=create_graph
-        )
+        (grad,) = torch.autograd.grad(sdf.sum(), pts, create_graph=create_graph, retain_graph=keep)
     return sdf, grad
 
 
@@ -59,7 +60,8 @@ class SphereField:
     """
 
     def __init__(self, radius, color=(0.8, 0.3, 0.2), center=(0.0, 0.0, 0.0), bound=1.0):
-        self.radius = torch.as_tensor(radius, dtype=torch.float32)
+        # a tensor radius is kept as given (dtype, autograd), e.g. a learnable one
+        self.radius = radius if torch.is_tensor(radius) else torch.tensor(radius)
         self.center = torch.as_tensor(center, dtype=torch.float32)
         self.rgb = torch.as_tensor(color, dtype=torch.float32)
         self.bound = bound
