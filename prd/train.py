@@ -271,8 +271,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                 engine.backward(loss_k)
                 engine.step()
                 x0_prev = x0.detach()
-        # 3. the optimizer step happened at the accumulation boundary above
-        if step_finite:
+        # 3. the optimizer step happened at the accumulation boundary above, unless ZeRO
+        # found a non-finite gradient on any rank (then it skipped it on all ranks, which
+        # thus count the skip, and stop, together)
+        applied = engine.was_step_applied()
+        if applied and not step_finite:
+            raise RuntimeError(
+                f"step {step + 1}: a non-finite loss reached an applied optimizer step; "
+                f"ZeRO stage {t_cfg.zero_stage} did not skip it"
+            )
+        if applied:
             nonfinite_in_row = 0
         else:
             nonfinite_in_row += 1
@@ -298,7 +306,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         if nonfinite_in_row >= t_cfg.max_nonfinite_in_row:
             logger.close()
             raise TrainingStopped(
-                f"{nonfinite_in_row} steps in a row had a non-finite loss (last at step "
+                f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last: step "
                 f"{step + 1}); the last checkpoint in {run_dir / checkpoint.CKPT_DIR} is intact"
             )
         if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.steps:

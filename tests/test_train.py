@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -93,28 +94,41 @@ def optimizer_tensors(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return out
 
 
-class NaNAt(torch.nn.Module):
-    """A teacher whose loss is NaN at the given (0-based) training steps."""
+class NaNGradient(torch.autograd.Function):
+    """Identity whose backward is NaN: a finite loss with a non-finite gradient."""
 
-    def __init__(self, inner: torch.nn.Module, steps: set[int]):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NaNAt(torch.nn.Module):
+    """A teacher whose loss (or only its gradient) is NaN at the given 0-based steps."""
+
+    def __init__(self, inner: torch.nn.Module, steps: set[int], gradient_only: bool):
         super().__init__()
-        self.inner, self.steps = inner, steps
+        self.inner, self.steps, self.gradient_only = inner, steps, gradient_only
 
     def forward(self, views, prompts, step, generator):
         out = self.inner(views, prompts, step, generator)
         if step in self.steps:
-            out = dataclasses.replace(out, loss=out.loss * float("nan"))
+            bad = NaNGradient.apply(out.loss) if self.gradient_only else out.loss * float("nan")
+            out = dataclasses.replace(out, loss=bad)
         return out
 
 
-def nan_teachers(monkeypatch, steps: set[int]) -> None:
+def nan_teachers(monkeypatch, steps: set[int], gradient_only: bool = False) -> None:
     """Make the first teacher role answer NaN at ``steps`` in the next ``train`` calls."""
     real = train_mod.build_teachers
 
     def build(*args, **kwargs):
         teachers = real(*args, **kwargs)
         first = teachers[0]
-        first.branches = {b: NaNAt(m, steps) for b, m in first.branches.items()}
+        first.branches = {b: NaNAt(m, steps, gradient_only) for b, m in first.branches.items()}
         return teachers
 
     monkeypatch.setattr(train_mod, "build_teachers", build)
@@ -267,11 +281,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert [r["step"] for r in checkpoint.read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_nonfinite_step_skipped_on_zero_stage_1(tmp_path, monkeypatch):
-    nan_teachers(monkeypatch, {1})
+def test_finite_loss_nonfinite_gradient_skipped_on_zero_stage_1(tmp_path, monkeypatch):
+    nan_teachers(monkeypatch, {1}, gradient_only=True)
     cfg = tiny_cfg("train.steps=2", "train.ckpt_every=1", "train.keep_ckpts=2")
     cfg.train.zero_stage = 1
-    assert train_mod.train(cfg, tmp_path)["nonfinite_total"] == 1
+    summary = train_mod.train(cfg, tmp_path)
+    assert summary["nonfinite_total"] == 1 and math.isfinite(summary["loss"])
     assert_same_tensors(export(tmp_path, 2), export(tmp_path, 1))
     assert_same_tensors(optimizer_tensors(tmp_path, 2), optimizer_tensors(tmp_path, 1))
 
