@@ -80,8 +80,9 @@ class TrainConfig:
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 disables."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage (1-3). ZeRO's non-finite gradient check is what skips a step
-    after a NaN/Inf loss, which is why stage 0 is not offered."""
+    """DeepSpeed ZeRO stage, 1 or 2. ZeRO's non-finite gradient check is what skips a step
+    after a NaN/Inf loss or gradient (so not 0); ZeRO-3 releases the field MLP's weights
+    before the volume renderer's double backward (normals, eikonal) runs, so not 3."""
     precision: str = "fp32"
     """"fp32" or "bf16" (GPU); CPUs here lack fast bf16 (DESIGN, "Traps")."""
     device: str = "auto"
@@ -108,7 +109,7 @@ class TrainConfig:
     keep_ckpts: int = 2
     """Complete checkpoints kept on disk."""
     max_nonfinite_in_row: int = 5
-    """Stop the run after this many consecutive steps with a NaN/Inf loss."""
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
     deepspeed_json: str | None = None
     """Extra DeepSpeed settings (JSON file) merged over the generated ones, e.g. offload."""
 
@@ -118,8 +119,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.optimizer not in ("adan", "adamw"):
             raise ValueError(f"train.optimizer must be adan or adamw, got {self.optimizer!r}")
-        if self.zero_stage not in (1, 2, 3):
-            raise ValueError(f"train.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in (1, 2):
+            raise ValueError(f"train.zero_stage must be 1 or 2, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
         if self.torch_threads < 0:

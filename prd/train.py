@@ -161,11 +161,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Run (or resume) distillation into ``run_dir``; returns a summary of the last step."""
     # fail before any process group or model exists
     run_dir = Path(run_dir)
-    if cfg.train.zero_stage == 3:
-        # measured: the renderer's SDF normals and eikonal term differentiate the field
-        # MLPs twice (autograd.grad, create_graph) outside any module forward, after
-        # ZeRO-3 has released their weights, and backward fails
-        raise ValueError("train.zero_stage=3 is not supported by prd train; use 1 or 2")
     cfg.prompts.resolve()
     check_run_dir(cfg, run_dir, resume)
     if cfg.train.torch_threads:
