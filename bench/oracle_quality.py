@@ -30,7 +30,7 @@ def evaluate_run(run: Path, seed: int = 0, grid: int | None = None) -> list[dict
     weights = run / "export" / "latest.safetensors"
     overrides = [] if grid is None else [f"sample.grid={grid}"]
     cfg = load_config_text(Config, read_config_yaml(weights), overrides)
-    model = build_model(cfg).eval()
+    model = build_model(cfg, seed=cfg.train.seed).eval()
     load_weights(model, weights)
     rows = []
     for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):

@@ -32,6 +32,9 @@ class PromptsConfig:
     """Inline training prompts."""
     shuffle: bool = True
     """Shuffle each epoch (deterministically from the run's seed)."""
+    embed_cache: str | None = None
+    """Folder of a text-embedding cache (sharded safetensors, keyed by encoder and
+    prompt); None encodes every batch on the fly."""
 
     def __post_init__(self):
         given = [k for k in ("source", "file") if getattr(self, k) is not None]

@@ -67,7 +67,7 @@ class _UniformColor:
 
 def silhouette_iou(verts, faces, prompt: str, size: int = 64) -> float:
     cams = orbit_cameras([0.0, 90.0, 180.0, 270.0], 15.0, 1.5)
-    shape, _ = parse_prompt(prompt)
+    _, shape = parse_prompt(prompt)
     truth = render_scenes([shape] * 4, scene_color(prompt).expand(4, 3), cams, size)
     out = render_mesh([verts.float()], [faces], _UniformColor(), cams, size, get_backend("torch"))
     pred, gt = out.mask > 0.5, truth.mask > 0.5

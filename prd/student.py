@@ -85,6 +85,10 @@ class StudentConfig:
     """Side of each plane's latent; None = the arch's default (32 sd21, 8 tiny)."""
     gradient_checkpointing: bool = False
     """Recompute UNet / decoder activations in backward to save memory."""
+    train_base: bool = False
+    """Also train the UNet and VAE-decoder base weights (not only PETA). Only for students
+    built in code with random weights (``pretrained`` None): such a student has no
+    pretrained denoiser to preserve, and adapters on a random base cannot learn one."""
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -99,6 +103,11 @@ class StudentConfig:
             )
         if self.latent_size is not None and self.latent_size < 1:
             raise ValueError(f"student.latent_size must be >= 1, got {self.latent_size}")
+        if self.train_base and self.pretrained is not None:
+            raise ValueError(
+                "student.train_base is for random-init students; a pretrained SD student "
+                "trains its PETA adapters only (set student.pretrained=null or train_base=false)"
+            )
         self.peta()  # checks rank and alpha
 
     def resolved_latent_size(self) -> int:
@@ -243,6 +252,9 @@ class PRDStudent(nn.Module):
         self.peta_modules: PetaModules = apply_peta(self.unet, self.decoder, cfg.peta())
         self.post_quant_conv.requires_grad_(False)
         self.decoder.conv_out.requires_grad_(True)
+        if cfg.train_base:
+            self.unet.requires_grad_(True)
+            self.decoder.requires_grad_(True)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             vae.enable_gradient_checkpointing()  # sets the decoder's checkpoint function
@@ -262,6 +274,15 @@ class PRDStudent(nn.Module):
             return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids.to(self.alphas_cumprod.device)).last_hidden_state
+
+    def text_encoder_id(self) -> str:
+        """Names this text encoder for an embedding cache: arch, weights folder and a
+        fingerprint of the token embedding (random-init encoders differ by seed)."""
+        w = self.text_encoder.get_input_embeddings().weight.detach().double()
+        return (
+            f"{self.cfg.arch}|{self.cfg.pretrained}|{TEXT_LENGTH}|"
+            f"{w.mean().item():.10e}|{w.std().item():.10e}"
+        )
 
     def predict_x0(self, z_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Clean latents from noisy ones: x0 = (z_t - sqrt(1 - ab_t) eps) / sqrt(ab_t).
@@ -376,11 +397,13 @@ def base_fingerprint(model: PRDStudent) -> list[float]:
 
     Cheap evidence that adapters are loaded onto the base weights they were trained on;
     compared with a relative tolerance so fp16 / bf16 copies of one base still match.
+    A module trained whole (``train_base``) has no frozen tensor and contributes nothing:
+    its weights are all in the exported file.
     """
     stats = []
     for module in _base_modules(model).values():
         frozen = [p for p in module.parameters() if not p.requires_grad]
-        for p in (frozen[0], frozen[-1]):
+        for p in frozen[:1] + frozen[-1:]:
             x = p.detach().double()
             stats += [x.mean().item(), x.std().item()]
     return stats

@@ -38,6 +38,7 @@ from prd.model import PRDModel, build_model
 from prd.progressive import add_noise, progressive_timesteps
 from prd.teacher_setup import build_teachers
 from prd.weights import save_weights
+from prompts.embed_cache import EmbeddingCache
 from prompts.stream import PromptStream
 from renderers.cameras import sample_cameras
 
@@ -188,6 +189,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         config=deepspeed_config(cfg, info.world_size),
     )
     stream = make_stream(cfg, info)
+    cache = None
+    if cfg.prompts.embed_cache is not None:
+        cache = EmbeddingCache(cfg.prompts.embed_cache, model.student.text_encoder_id())
     start, nonfinite_in_row, nonfinite_total = 0, 0, 0
     if resume:
         state = checkpoint.load_training_state(engine, run_dir, info.rank)
@@ -213,7 +217,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         for _ in range(t_cfg.grad_accum):
             # 1. prompts and their embeddings (frozen text encoder)
             prompts = stream.next_batch()
-            text = model.student.encode_text(prompts)
+            if cache is None:
+                text = model.student.encode_text(prompts)
+            else:
+                text = cache.get_or_compute(prompts, model.student.encode_text).to(info.device)
             b, planes = len(prompts), cfg.student.planes
             size = cfg.student.resolved_latent_size()
             latent_shape = (b * planes, 4, size, size)
@@ -314,9 +321,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             }
             checkpoint.save_training_state(engine, run_dir, step + 1, info.rank, trainer_state)
             save_weights(model, cfg, run_dir, step + 1, is_main=info.is_main)
+            if cache is not None:
+                cache.flush()
             if info.is_main:
                 checkpoint.prune_checkpoints(run_dir, t_cfg.keep_ckpts)
     logger.close()
+    if cache is not None:
+        cache.close()
     if not last:
         last = {"step": start, "loss": math.nan, "nonfinite_total": nonfinite_total}
     return last

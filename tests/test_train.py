@@ -53,6 +53,7 @@ TINY = [
     "train.torch_threads=1",
     "train.image_every=0",
     "train.log_every=1",
+    "student.train_base=false",  # the PETA setting: adapters train, the base stays frozen
 ]
 
 
@@ -197,6 +198,14 @@ def test_export_loads_into_a_fresh_model(two_steps):
     assert_same_tensors(export(run_dir), export(run_dir, 2))
 
 
+def test_embedding_cache_gives_the_same_run(two_steps, tmp_path):
+    cfg, run_dir, _ = two_steps
+    cached = tiny_cfg("train.steps=2", "mesh.enabled=true", f"prompts.embed_cache={tmp_path / 'e'}")
+    train_mod.train(cached, tmp_path / "run")
+    assert losses_of(tmp_path / "run") == losses_of(run_dir)
+    assert list((tmp_path / "e").glob("*.safetensors")), "the cache wrote no shard"
+
+
 def test_run_folder_errors_come_before_any_heavy_work(two_steps, monkeypatch, tmp_path):
     cfg, run_dir, _ = two_steps
 
@@ -206,8 +215,8 @@ def test_run_folder_errors_come_before_any_heavy_work(two_steps, monkeypatch, tm
     monkeypatch.setattr(train_mod.distributed, "setup", no_setup)
     with pytest.raises(ValueError, match="already holds a run.*step 2.*--resume"):
         train_mod.train(cfg, run_dir)
-    other = tiny_cfg("train.steps=2", "mesh.enabled=true", "train.lr=1e-3", "volume.n_uniform=8")
-    named = r"train\.lr: 0\.002 -> 0\.001.*volume\.n_uniform: 16 -> 8"
+    other = tiny_cfg("train.steps=2", "mesh.enabled=true", "train.lr=5e-4", "volume.n_uniform=8")
+    named = r"train\.lr: 0\.001 -> 0\.0005.*volume\.n_uniform: 16 -> 8"
     with pytest.raises(ValueError, match=named):
         train_mod.train(other, run_dir, resume=True)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
