@@ -85,6 +85,11 @@ class StudentConfig:
     """Side of each plane's latent; None = the arch's default (32 sd21, 8 tiny)."""
     gradient_checkpointing: bool = False
     """Recompute UNet / decoder activations in backward to save memory."""
+    denoiser_skip: bool = False
+    """Random-init students only: eps = sqrt(1 - ab_t) z_t + UNet(z_t), the UNet's
+    conv_out zeroed, so the fresh student is the MMSE denoiser of unit-Gaussian latents
+    (x0 = sqrt(ab_t) z_t) rather than a random map whose x0 at t = 999 is noise times 15.
+    A pretrained SD UNet is already a denoiser and predicts eps as is."""
     train_base: bool = False
     """Also train the UNet and VAE-decoder base weights (not only PETA). Only for students
     built in code with random weights (``pretrained`` None): such a student has no
@@ -103,6 +108,8 @@ class StudentConfig:
             )
         if self.latent_size is not None and self.latent_size < 1:
             raise ValueError(f"student.latent_size must be >= 1, got {self.latent_size}")
+        if self.denoiser_skip and self.pretrained is not None:
+            raise ValueError("student.denoiser_skip is for random-init students (pretrained=null)")
         if self.train_base and self.pretrained is not None:
             raise ValueError(
                 "student.train_base is for random-init students; a pretrained SD student "
@@ -297,9 +304,12 @@ class PRDStudent(nn.Module):
             raise ValueError(f"t must have shape ({n},), got {tuple(t.shape)}")
         dtype = self.unet.dtype
         context = text.to(dtype).repeat_interleave(p, dim=0)
-        eps = self.unet(z_t.to(dtype), t, encoder_hidden_states=context).sample
+        eps = self.unet(z_t.to(dtype), t, encoder_hidden_states=context).sample.float()
         ab = self.alphas_cumprod[t].view(n, 1, 1, 1)
-        x0 = (z_t.float() - (1 - ab).sqrt() * eps.float()) / ab.sqrt()
+        if self.cfg.denoiser_skip:
+            # eps of the MMSE denoiser of unit-Gaussian latents, plus the UNet's residual
+            eps = eps + (1 - ab).sqrt() * z_t.float()
+        x0 = (z_t.float() - (1 - ab).sqrt() * eps) / ab.sqrt()
         return x0.to(z_t.dtype)
 
     def decode(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,6 +378,10 @@ def build_student(
         if dtype != torch.float32:
             text, unet, vae = text.to(dtype), unet.to(dtype), vae.to(dtype)
         vae.encoder = vae.quant_conv = None  # the student only decodes
+        if cfg.denoiser_skip:
+            # with the skip, a zero residual makes the fresh student that MMSE denoiser
+            torch.nn.init.zeros_(unet.conv_out.weight)
+            torch.nn.init.zeros_(unet.conv_out.bias)
         return PRDStudent(cfg, tokenizer, text, unet, vae, sd_scheduler())
 
 

@@ -259,3 +259,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in trainable_state_dict(model).items()})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_denoiser_skip_starts_as_the_gaussian_mmse_denoiser():
+    # eps = sqrt(1 - ab) z + UNet(z) with the UNet's conv_out zeroed: x0 = sqrt(ab) z, the
+    # posterior mean of x0 ~ N(0, I) given z_t, whatever the text.
+    torch.manual_seed(0)
+    model = build_student(StudentConfig(arch="tiny", denoiser_skip=True, train_base=True))
+    z = torch.randn(2 * P, 4, 8, 8)
+    t = torch.tensor([999, 749, 499, 249, 10, 0] * 2)
+    text = model.encode_text(["a red cube", "a blue torus"])
+    with torch.no_grad():
+        x0 = model.predict_x0(z, t, text)
+    ab = model.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(x0, ab.sqrt() * z)
+    assert all(p.requires_grad for p in model.unet.parameters())
+    with pytest.raises(ValueError, match="denoiser_skip"):
+        StudentConfig(arch="tiny", pretrained="/models/sd", denoiser_skip=True)
