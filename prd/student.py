@@ -259,6 +259,10 @@ class PRDStudent(nn.Module):
         self.peta_modules: PetaModules = apply_peta(self.unet, self.decoder, cfg.peta())
         self.post_quant_conv.requires_grad_(False)
         self.decoder.conv_out.requires_grad_(True)
+        if cfg.denoiser_skip:
+            # its zeroed conv_out is new, like the decoder's: trained, else no adapter
+            # behind it would ever receive a gradient
+            self.unet.conv_out.requires_grad_(True)
         if cfg.train_base:
             self.unet.requires_grad_(True)
             self.decoder.requires_grad_(True)

@@ -53,7 +53,9 @@ TINY = [
     "train.torch_threads=1",
     "train.image_every=0",
     "train.log_every=1",
-    "student.train_base=false",  # the PETA setting: adapters train, the base stays frozen
+    # the paper's setting: PETA adapters train on a frozen base that predicts eps as is
+    "student.train_base=false",
+    "student.denoiser_skip=false",
 ]
 
 
