@@ -56,6 +56,7 @@ TINY = [
     # the paper's setting: PETA adapters train on a frozen base that predicts eps as is
     "student.train_base=false",
     "student.denoiser_skip=false",
+    "train.optimizer=adan",
 ]
 
 
@@ -218,7 +219,7 @@ def test_run_folder_errors_come_before_any_heavy_work(two_steps, monkeypatch, tm
     with pytest.raises(ValueError, match="already holds a run.*step 2.*--resume"):
         train_mod.train(cfg, run_dir)
     other = tiny_cfg("train.steps=2", "mesh.enabled=true", "train.lr=5e-4", "volume.n_uniform=8")
-    named = r"train\.lr: 0\.001 -> 0\.0005.*volume\.n_uniform: 16 -> 8"
+    named = r"train\.lr: 0\.002 -> 0\.0005.*volume\.n_uniform: 16 -> 8"
     with pytest.raises(ValueError, match=named):
         train_mod.train(other, run_dir, resume=True)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
