@@ -23,12 +23,6 @@ from teachers.noise import NoiseSchedule
 from teachers.roles import Role
 
 
-def cat_cameras(a: Cameras, b: Cameras) -> Cameras:
-    """Concatenate two camera batches."""
-    fields = ("c2w", "fov_y", "azimuth", "elevation", "distance")
-    return Cameras(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in fields))
-
-
 def _cat_cond(a, b):
     if isinstance(a, Tensor):
         return torch.cat([a, b])
@@ -100,7 +94,7 @@ class DistillationTeacher(torch.nn.Module):
             x_t = sched.add_noise(x.detach(), noise, t)
             both = _cat_cond(cond, uncond)
             eps = self.denoiser(
-                torch.cat([x_t, x_t]), torch.cat([t, t]), both, cat_cameras(cams, cams)
+                torch.cat([x_t, x_t]), torch.cat([t, t]), both, Cameras.cat([cams, cams])
             )
             eps_c, eps_u = eps[:n], eps[n:]
         # 4. The loss, normalized to the reference's size (teachers.guidance).

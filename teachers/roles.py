@@ -38,6 +38,16 @@ def _select(views: Views, index: Tensor, group: int) -> Views:
     )
 
 
+def _rgb_encode(views: Views, size: int) -> Tensor:
+    """RGB views -> (n, 3, size, size) in [-1, 1]."""
+    return resize(views.rgb.permute(0, 3, 1, 2) * 2 - 1, size)
+
+
+def _rgb_to_image(x: Tensor) -> Tensor:
+    """Model-space (n, C, h, w) -> (n, h, w, 3) in [0, 1] for logging."""
+    return ((x.permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1)
+
+
 @dataclass(frozen=True)
 class SingleViewRGB:
     """Stable Diffusion's role: one RGB view per object, in [-1, 1].
@@ -58,11 +68,10 @@ class SingleViewRGB:
         return _select(views, index, 1)
 
     def encode(self, views: Views, size: int) -> Tensor:
-        return resize(views.rgb.permute(0, 3, 1, 2) * 2 - 1, size)
+        return _rgb_encode(views, size)
 
     def to_image(self, x: Tensor) -> Tensor:
-        """Model-space (n, C, h, w) -> (n, h, w, 3) in [0, 1] for logging."""
-        return ((x.permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1)
+        return _rgb_to_image(x)
 
 
 @dataclass(frozen=True)
@@ -84,10 +93,10 @@ class MultiViewRGB:
         return views
 
     def encode(self, views: Views, size: int) -> Tensor:
-        return resize(views.rgb.permute(0, 3, 1, 2) * 2 - 1, size)
+        return _rgb_encode(views, size)
 
     def to_image(self, x: Tensor) -> Tensor:
-        return ((x.permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1)
+        return _rgb_to_image(x)
 
 
 @dataclass(frozen=True)
