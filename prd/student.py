@@ -444,11 +444,19 @@ def load_trainable(model: PRDStudent, path: str | Path) -> None:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
-    want = _metadata(model)
+    check_metadata(meta, _metadata(model), path)
+    copy_checked(trainable_state_dict(model), tensors, path)
+
+
+def check_metadata(meta: dict, want: dict, path, prefix: str = "") -> None:
+    """Compare a weights file's header with a model's ``_metadata`` (keys of the header
+    carry ``prefix``); the base fingerprint with a relative tolerance. Raises ValueError
+    naming the field."""
     for key in ("format", "arch", "lora_rank", "planes", "triplane_channels"):
-        if meta.get(key) != want[key]:
-            raise ValueError(f"{path}: metadata {key}={meta.get(key)!r}, model has {want[key]!r}")
-    got_fp = json.loads(meta.get("base_fingerprint", "[]"))
+        if meta.get(prefix + key) != want[key]:
+            got = meta.get(prefix + key)
+            raise ValueError(f"{path}: metadata {prefix}{key}={got!r}, model has {want[key]!r}")
+    got_fp = json.loads(meta.get(prefix + "base_fingerprint", "[]"))
     want_fp = json.loads(want["base_fingerprint"])
     if len(got_fp) != len(want_fp) or not torch.allclose(
         torch.tensor(got_fp), torch.tensor(want_fp), rtol=1e-2, atol=1e-6
@@ -457,7 +465,11 @@ def load_trainable(model: PRDStudent, path: str | Path) -> None:
             f"{path}: adapters were trained on other base weights "
             f"(fingerprint {got_fp} vs model {want_fp})"
         )
-    params = trainable_state_dict(model)
+
+
+def copy_checked(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path) -> None:
+    """Copy ``tensors`` into ``params`` in place after checking that the key sets and the
+    shapes agree (KeyError / ValueError naming the keys)."""
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:

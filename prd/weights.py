@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from prd import checkpoint
 from prd.configio import to_yaml
 from prd.student import _metadata as student_metadata
+from prd.student import check_metadata, copy_checked
 
 FORMAT = "prd-weights-1"
 
@@ -91,25 +92,12 @@ def load_weights(model, path: str | Path) -> None:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-    checks = {f"student.{k}": v for k, v in student_metadata(model.student).items()}
-    checks["format"] = FORMAT
-    checks["field"] = json.dumps([model.decoder.cfg.channels, model.decoder.cfg.hidden])
-    for key, value in checks.items():
-        if key == "student.base_fingerprint":
-            got = torch.tensor(json.loads(meta.get(key, "[]")))
-            exp = torch.tensor(json.loads(value))
-            if got.shape != exp.shape or not torch.allclose(got, exp, rtol=1e-2, atol=1e-6):
-                raise ValueError(f"{path}: trained on other base weights ({key} differs)")
-        elif meta.get(key) != value:
+    expected = {
+        "format": FORMAT,
+        "field": json.dumps([model.decoder.cfg.channels, model.decoder.cfg.hidden]),
+    }
+    for key, value in expected.items():
+        if meta.get(key) != value:
             raise ValueError(f"{path}: metadata {key}={meta.get(key)!r}, the model has {value!r}")
-    params = trainable_tensors(model)
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise KeyError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    bad = [k for k, p in params.items() if tensors[k].shape != p.shape]
-    if bad:
-        raise ValueError(f"{path}: shape mismatch for {bad[:5]}")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[k])
+    check_metadata(meta, student_metadata(model.student), path, prefix="student.")
+    copy_checked(trainable_tensors(model), tensors, path)
