@@ -20,6 +20,14 @@ from renderers.mesh import MeshRenderConfig
 from renderers.volume import VolumeConfig
 
 
+def read_prompt_lines(path: str | Path, what: str) -> list[str]:
+    """The non-blank lines of a text file, stripped; ValueError naming ``what`` if none."""
+    prompts = [s.strip() for s in Path(path).read_text().splitlines() if s.strip()]
+    if not prompts:
+        raise ValueError(f"{what} {path} holds no prompts")
+    return prompts
+
+
 @dataclass
 class PromptsConfig:
     """Where training prompts come from."""
@@ -50,11 +58,7 @@ class PromptsConfig:
         if self.source is not None:
             return self.source
         if self.file is not None:
-            lines = Path(self.file).read_text().splitlines()
-            prompts = [s.strip() for s in lines if s.strip()]
-            if not prompts:
-                raise ValueError(f"prompts.file {self.file} holds no prompts")
-            return prompts
+            return read_prompt_lines(self.file, "prompts.file")
         if not self.prompts:
             raise ValueError(
                 "no training prompts: set prompts.source, prompts.file or prompts.prompts"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from prd.config import Config, SampleConfig, load
+from prd.config import Config, SampleConfig, load, read_prompt_lines
 from prd.configio import load_config_text
 from prd.export import SUFFIXES, export_mesh, slugify
 from prd.model import PRDModel, build_model
@@ -174,9 +174,7 @@ def _jobs(args, cfg: Config) -> list[tuple[str, Path]]:
     path = Path(args.prompts_file)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts-file {path}: no such file")
-    prompts = [s.strip() for s in path.read_text().splitlines() if s.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts-file {path} holds no prompts")
+    prompts = read_prompt_lines(path, "--prompts-file")
     jobs, seen = [], {}
     for prompt in prompts:
         slug = slugify(prompt)
