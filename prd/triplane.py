@@ -117,8 +117,11 @@ class TriplaneField:
 
     def sdf(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N) signed distance at (B, N, 3) points."""
+        return self._sdf(self._geo_features(points), points)
+
+    def _sdf(self, feats: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         sphere = points.norm(dim=-1) - self.decoder.cfg.sphere_radius
-        return self.decoder.sdf_mlp(self._geo_features(points)).squeeze(-1) + sphere
+        return self.decoder.sdf_mlp(feats).squeeze(-1) + sphere
 
     def color(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) albedo in [0, 1] (sigmoid) at (B, N, 3) points."""
@@ -130,6 +133,11 @@ class TriplaneField:
         """(B, N, 3) raw deformation of marching-cubes grid vertices (the isosurface
         extractor bounds it to a fraction of the grid spacing)."""
         return self.decoder.deform_mlp(self._geo_features(points))
+
+    def sdf_and_deformation(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sdf(points), deformation(points))`` from one sampling of the geometry planes."""
+        feats = self._geo_features(points)
+        return self._sdf(feats, points), self.decoder.deform_mlp(feats)
 
     def select(self, index) -> TriplaneField:
         """The field of a subset of objects."""

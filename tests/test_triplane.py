@@ -76,3 +76,32 @@ def test_bad_shapes_and_config_fail_with_names():
         dec.bind(torch.zeros(1, 3, 5, 4, 4), torch.zeros(1, 3, 4, 4, 4))
     with pytest.raises(ValueError, match="sphere_radius"):
         FieldConfig(sphere_radius=2.0)
+
+
+def test_one_sampling_for_sdf_and_deformation_matches_separate_calls_and_the_grid():
+    from renderers.isosurface import evaluate_grid
+
+    torch.manual_seed(0)
+    dec = FieldDecoder(FieldConfig(channels=4, hidden=8, bound=0.6))
+    for p in dec.parameters():  # the deformation MLP starts at zero; give it a signal
+        torch.nn.init.normal_(p, std=0.5)
+    field = dec.bind(torch.randn(2, 3, 4, 8, 8), torch.randn(2, 3, 4, 8, 8))
+    pts = torch.rand(2, 30, 3) * 1.2 - 0.6
+    sdf, deform = field.sdf_and_deformation(pts)
+    torch.testing.assert_close(sdf, field.sdf(pts))
+    torch.testing.assert_close(deform, field.deformation(pts))
+    assert deform.abs().max() > 0
+
+    class SeparateCalls:  # the same field without the combined call
+        bound = field.bound
+
+        def sdf(self, points):
+            return field.sdf(points)
+
+        def deformation(self, points):
+            return field.deformation(points)
+
+    fast = evaluate_grid(field, 9, n_objects=2, chunk=100)
+    slow = evaluate_grid(SeparateCalls(), 9, n_objects=2, chunk=100)
+    torch.testing.assert_close(fast[0], slow[0])
+    torch.testing.assert_close(fast[1], slow[1])
