@@ -93,9 +93,10 @@ def evaluate_grid(
     """The field on the full grid, without gradients.
 
     A field with ``sdf_and_deformation(points)`` (``prd.triplane.TriplaneField``: one
-    sampling of the geometry planes for both) is evaluated with it. Points are built and evaluated ``chunk`` at a time (memory bounded by chunk x
-    n_objects points of field activations, plus the outputs; 2^16 ran 2x faster than 2^18
-    on CPU, ``bench/isosurface.py``). Returns sdf (B, R, R, R) and,
+    sampling of the geometry planes for both) is evaluated with it. Points are built and
+    evaluated ``chunk`` at a time (memory bounded by chunk x n_objects points of field
+    activations, plus the outputs; 2^16 ran 2x faster than 2^18 on CPU,
+    ``bench/isosurface.py``). Returns sdf (B, R, R, R) and,
     if ``deformation``, the raw deformation (B, R, R, R, 3), else None; dtype/device as given.
     """
     if chunk < 1:
