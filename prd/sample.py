@@ -15,7 +15,7 @@ import torch
 
 from prd.config import Config, SampleConfig, load, read_prompt_lines
 from prd.configio import load_config_text
-from prd.export import SUFFIXES, export_mesh, slugify
+from prd.export import SUFFIXES, export_mesh, simplify, slugify
 from prd.model import PRDModel, build_model
 from prd.progressive import add_noise, eps_from_x0, progressive_timesteps
 from prd.weights import load_weights, read_config_yaml
@@ -207,29 +207,31 @@ def run(args) -> int:
             print(f"prd sample: {exc}", file=sys.stderr)
             status = 2
             continue
+        verts, faces, colors = sample.verts, sample.faces, sample.colors
+        if args.max_faces is not None:
+            with timer_p("simplify"):
+                verts, faces, colors = simplify(
+                    verts.double().cpu().numpy(),
+                    faces.cpu().numpy(),
+                    colors.float().cpu().numpy(),
+                    args.max_faces,
+                )
         with timer_p("export"):
             color_fn = None
             if args.texture:
                 color_fn = lambda p, f=sample.field: f.color(p[None].float())[0]
-            export_mesh(
-                sample.verts,
-                sample.faces,
-                sample.colors,
-                out,
-                texture=args.texture,
-                color_fn=color_fn,
-                max_faces=args.max_faces,
-            )
+            export_mesh(verts, faces, colors, out, texture=args.texture, color_fn=color_fn)
         if args.preview:
             from prd.preview import turntable
 
             with timer_p("preview"):
-                turntable(sample.verts, sample.faces, sample.colors, out.with_suffix(".gif"))
+                turntable(verts, faces, colors, out.with_suffix(".gif"))
         report = {
             "prompt": prompt,
             "out": str(out),
-            "vertices": int(sample.verts.shape[0]),
-            "faces": int(sample.faces.shape[0]),
+            "vertices": len(verts),
+            "faces": len(faces),
+            "faces_extracted": len(sample.faces),
             "seconds": {k: round(v, 4) for k, v in timer_p.stages.items()},
             "total_seconds": round(sum(timer_p.stages.values()), 4),
         }

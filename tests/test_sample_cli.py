@@ -123,7 +123,7 @@ def test_prompts_file_writes_one_file_per_slug_and_json_lines(capsys, tmp_path):
 
 def test_empty_surface_exits_2_without_a_file(capsys, tmp_path, monkeypatch):
     # an SDF positive everywhere: no zero crossing on any grid
-    monkeypatch.setattr(TriplaneField, "sdf", lambda self, p: p.norm(dim=-1) + 1.0)
+    monkeypatch.setattr(TriplaneField, "_sdf", lambda self, feats, p: p.norm(dim=-1) + 1.0)
     status, stdout, err = sample_tiny(capsys, tmp_path / "empty.glb")
     assert status == 2
     assert "no zero crossing" in err and "a red cube" in err and "Traceback" not in err
@@ -257,3 +257,18 @@ def test_console_help_lists_the_subcommands():
     # the help needs no subcommand module: torch and diffusers are not imported
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()}
     assert "torch" not in imported and "diffusers" not in imported and "prd.sample" not in imported
+
+
+def test_max_faces_reports_the_written_mesh_and_the_extracted_one(capsys, tmp_path):
+    status, stdout, err = sample_tiny(capsys, tmp_path / "full.glb", "--json")
+    assert status == 0, err
+    full = json.loads(stdout)
+    budget = full["faces"] // 3
+    status, stdout, err = sample_tiny(capsys, tmp_path / "s.glb", "--json", "--max-faces",
+                                      str(budget))  # fmt: skip
+    assert status == 0, err
+    r = json.loads(stdout)
+    assert r["faces_extracted"] == full["faces"] and 0 < r["faces"] <= budget
+    _, faces, _ = load_glb(tmp_path / "s.glb")
+    assert len(faces) == r["faces"]
+    assert set(r["seconds"]) == STAGES | {"simplify"}
