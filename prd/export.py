@@ -116,13 +116,15 @@ def export_mesh(
     return path
 
 
-def simplify(
-    verts: np.ndarray, faces: np.ndarray, colors: np.ndarray, max_faces: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def simplify(verts, faces, colors, max_faces: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quadric decimation to at most max_faces faces; each kept vertex takes the colour of
-    the nearest original vertex (decimation moves vertices, it does not carry attributes)."""
+    the nearest original vertex (decimation moves vertices, it does not carry attributes).
+    Inputs: numpy arrays or tensors (any device), as ``export_mesh`` takes them."""
     if max_faces < 1:
         raise ValueError(f"max_faces must be >= 1, got {max_faces}")
+    verts = _array(verts, "verts", np.float64)
+    faces = _array(faces, "faces", np.int64)
+    colors = _array(colors, "vertex_colors", np.float64)
     if len(faces) <= max_faces:
         return verts, faces, colors
     v, f = fast_simplification.simplify(verts, faces, target_count=max_faces)

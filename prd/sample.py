@@ -210,12 +210,7 @@ def run(args) -> int:
         verts, faces, colors = sample.verts, sample.faces, sample.colors
         if args.max_faces is not None:
             with timer_p("simplify"):
-                verts, faces, colors = simplify(
-                    verts.double().cpu().numpy(),
-                    faces.cpu().numpy(),
-                    colors.float().cpu().numpy(),
-                    args.max_faces,
-                )
+                verts, faces, colors = simplify(verts, faces, colors, args.max_faces)
         with timer_p("export"):
             color_fn = None
             if args.texture:
