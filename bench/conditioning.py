@@ -83,8 +83,7 @@ def main() -> None:
             order += torch.randperm(n, generator=gen).tolist()
         idx, order = order[: args.batch], order[args.batch :]
         field = field_of(idx, gen)
-        bound = cfg.field.bound
-        pts = (torch.rand(len(idx), 1024, 3, generator=gen) * 2 - 1) * bound
+        pts = (torch.rand(len(idx), 1024, 3, generator=gen) * 2 - 1) * cfg.field.bound
         true_sdf = torch.stack([scene_sdf(prompts[i])(pts[j]) for j, i in enumerate(idx)])
         sdf_err = (field.sdf(pts) - true_sdf).clamp(-0.2, 0.2)
         color_err = field.color(surface[idx, :256]) - colors[idx]

@@ -47,6 +47,7 @@ def render_dataset(prompts, views: int, cameras_cfg, gen) -> tuple[torch.Tensor,
 
 
 def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, gen) -> AutoencoderKL:
+    """The tiny VAE (encoder + decoder) fitted to ``images``; the caller sets scaling_factor."""
     vae = AutoencoderKL(**TINY_VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     start = time.perf_counter()
@@ -60,9 +61,6 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, gen) -> A
         opt.step()
         if step % 100 == 0 or step == steps:
             print(f"vae  {step:>5} mse+kl {loss.item():.4f} {time.perf_counter() - start:.0f}s")
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(x).latent_dist.mean for x in images.split(256)])
-    vae.register_to_config(scaling_factor=1.0 / latents.std().item())
     return vae
 
 
@@ -107,8 +105,9 @@ def main() -> None:
     print(f"{len(images)} images of {len(prompts)} scenes")
     vae = train_vae(images, args.vae_steps, args.vae_batch, args.lr, gen)
     with torch.no_grad():
-        sf = vae.config.scaling_factor
-        latents = torch.cat([vae.encode(x).latent_dist.mean for x in images.split(256)]) * sf
+        latents = torch.cat([vae.encode(x).latent_dist.mean for x in images.split(256)])
+    vae.register_to_config(scaling_factor=1.0 / latents.std().item())  # SD's convention
+    latents = latents * vae.config.scaling_factor
 
     student = build_model(cfg, seed=cfg.train.seed).student  # its text encoder and tokenizer
     text = student.encode_text(prompts + [""])  # the last row: the empty prompt
