@@ -93,6 +93,18 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def reaching_every_parameter(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """``loss`` plus 0 x one element of each parameter: the same value and gradients, but
+    every parameter gets a gradient (zero where the loss does not reach it) on every rank.
+
+    ZeRO packs the gradients that arrive into buckets and reduces them across ranks; a
+    parameter that one rank's loss skips (the deformation MLP, when all of that rank's
+    meshes come out empty) shifts that rank's buckets and the reduction fails with a size
+    mismatch."""
+    anchor = sum(p.reshape(-1)[0] for p in params)
+    return loss + 0.0 * anchor
+
+
 def make_optimizer(cfg: Config, params):
     t = cfg.train
     if t.optimizer == "adan":
@@ -270,7 +282,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                     # optimizer step and clears the gradients (asserted in the tests).
                     step_finite = False
                 # 2f. backward (scaled 1/K by DeepSpeed) and detach for the next step
-                engine.backward(loss_k)
+                engine.backward(reaching_every_parameter(loss_k, trainable))
                 engine.step()
                 x0_prev = x0.detach()
         # 3. the optimizer step happened at the accumulation boundary above, unless ZeRO
