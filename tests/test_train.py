@@ -54,6 +54,8 @@ TINY = [
     "train.image_every=0",
     "train.log_every=1",
     # the paper's setting: PETA adapters train on a frozen base that predicts eps as is
+    # (here a random-init one: the tests do not build the default's pretrained tiny base)
+    "student.pretrained=null",
     "student.train_base=false",
     "student.denoiser_skip=false",
     "train.optimizer=adan",
@@ -353,3 +355,13 @@ def test_metrics_truncation_keeps_steps_up_to_the_checkpoint(tmp_path):
     assert checkpoint.read_metrics(tmp_path) == []
     shutil.rmtree(tmp_path)
     checkpoint.truncate_metrics(tmp_path, 0)  # no run folder yet: nothing to do
+
+
+def test_every_parameter_gets_a_gradient_and_the_loss_is_unchanged():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))
+    loss = (a**2).sum()
+    anchored = train_mod.reaching_every_parameter(loss, [a, b])
+    assert anchored.item() == loss.item()
+    anchored.backward()
+    assert torch.equal(a.grad, 2 * a.detach())  # d/da sum(a^2)
+    assert b.grad is not None and torch.equal(b.grad, torch.zeros(2, 2))
