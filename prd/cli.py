@@ -1,4 +1,5 @@
-"""The ``prd`` command: ``prd train``, ``prd sample``, ``prd params``, ``prd prompts``.
+"""The ``prd`` command: ``prd train``, ``prd sample``, ``prd params``, ``prd tiny-base``,
+``prd prompts``.
 
 Each subcommand's module adds its own arguments (``add_arguments``) and runs it (``run``).
 Only the module of the command being run is imported (torch and diffusers take seconds
@@ -28,6 +29,12 @@ def _sample():
     return sample
 
 
+def _tiny_base():
+    from prd import tiny_base
+
+    return tiny_base
+
+
 def _params():
     from prd import params_cmd
 
@@ -38,6 +45,7 @@ COMMANDS = (
     ("train", "distill a student with its teachers (DeepSpeed)", _train),
     ("sample", "turn prompts into mesh files with a trained student", _sample),
     ("params", "count trainable and frozen parameters (no weights loaded)", _params),
+    ("tiny-base", "pretrain the tiny SD in code (the embedded default's base)", _tiny_base),
 )
 """(name, help, module loader): each module has add_arguments(parser) and run(args)."""
 

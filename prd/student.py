@@ -331,7 +331,13 @@ class PRDStudent(nn.Module):
         return feats[:, :3, :c], feats[:, 3:, c:]
 
 
-def _check_pretrained(folder: Path) -> None:
+def _check_pretrained(folder: Path, arch: str) -> None:
+    if not folder.is_dir():
+        hint = f"; `prd tiny-base --out {folder}` builds one" if arch == "tiny" else ""
+        raise FileNotFoundError(
+            f"student.pretrained: no folder {folder}{hint}; a diffusers-format "
+            f"stable-diffusion-2-1-base folder has: {list(PRETRAINED_FILES)}"
+        )
     missing = [
         f for f in PRETRAINED_FILES if not any((folder / a).is_file() for a in f.split(" | "))
     ]
@@ -344,7 +350,7 @@ def _check_pretrained(folder: Path) -> None:
 
 def _load_pretrained(cfg: StudentConfig, dtype: torch.dtype):
     folder = Path(cfg.pretrained)
-    _check_pretrained(folder)
+    _check_pretrained(folder, cfg.arch)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
     want = ARCH_CONFIGS[cfg.arch][0]
     for key in ("block_out_channels", "cross_attention_dim"):

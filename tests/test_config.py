@@ -177,6 +177,12 @@ def test_missing_pretrained_folder_fails_at_build_naming_path_and_files():
         assert expected in msg
 
 
+def test_missing_tiny_base_names_the_command_that_builds_it(tmp_path):
+    cfg = load([REPO / "configs/oracle.yaml"], [f"student.pretrained={tmp_path / 'base'}"])
+    with pytest.raises(FileNotFoundError, match=f"prd tiny-base --out {tmp_path / 'base'}"):
+        build_model(cfg)
+
+
 def test_incomplete_pretrained_folder_names_the_missing_files(tmp_path):
     for name in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

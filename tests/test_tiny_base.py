@@ -1,0 +1,98 @@
+"""``prd tiny-base``: the in-code pretrained stand-in for SD 2.1 (tiny arch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import prd.tiny_base as tb
+from prd.config import load
+from prd.model import build_model
+from teachers.scenes import HELDOUT_PROMPTS, TRAIN_PROMPTS
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = tb.Recipe(views=4, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4)
+
+
+def test_timesteps_put_the_asked_share_in_the_top_of_the_schedule():
+    gen = torch.Generator().manual_seed(0)
+    assert tb.draw_timesteps(4000, 1000, 0.0, gen).min() >= 0
+    assert tb.draw_timesteps(4000, 1000, 1.0, gen).min() >= 700
+    t = tb.draw_timesteps(40000, 1000, 0.5, gen)
+    assert t.max() <= 999
+    # half from [700, 1000), half uniform (30% of which also lands there): 0.5 + 0.5 * 0.3
+    assert (t >= 700).float().mean().item() == pytest.approx(0.65, abs=0.01)
+
+
+def test_dataset_shows_training_scenes_only_on_grey():
+    cfg = load([REPO / "configs/tiny.yaml"])
+    gen = torch.Generator().manual_seed(0)
+    images, labels = tb.render_dataset(list(TRAIN_PROMPTS), 4, cfg.cameras, gen)
+    assert images.shape == (len(TRAIN_PROMPTS) * 4, 3, 32, 32)
+    assert labels.tolist() == [i for i in range(len(TRAIN_PROMPTS)) for _ in range(4)]
+    assert not set(HELDOUT_PROMPTS) & set(TRAIN_PROMPTS)
+    assert images.min() >= -1 and images.max() <= 1
+    # grey 0.5 is 0 in [-1, 1]; the scenes (radius <= 0.55) never reach the corners
+    assert images[:, :, 0, 0].abs().max() < 1e-6
+
+
+def test_build_writes_a_loadable_base_with_unit_std_latents(tmp_path):
+    cfg = load([REPO / "configs/tiny.yaml"])
+    out = tb.build_tiny_base(tmp_path / "base", cfg.cameras, FAST, log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no staging left
+
+    # SD's convention: scaled latents of the training images have unit std
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(out, subfolder="vae")
+    images, _ = tb.render_dataset(
+        list(TRAIN_PROMPTS), FAST.views, cfg.cameras, torch.Generator().manual_seed(FAST.seed)
+    )
+    assert tb.encode(vae, images).std().item() == pytest.approx(1.0, rel=1e-4)
+
+    student_cfg = load(
+        [REPO / "configs/tiny.yaml"],
+        [f"student.pretrained={out}", "student.train_base=false", "student.denoiser_skip=false"],
+    )
+    model = build_model(student_cfg, seed=0)
+    text = model.student.encode_text(["a red cube", "a red cube", "a blue cone"])
+    assert torch.equal(text[0], text[1]) and not torch.allclose(text[0], text[2])
+    assert torch.equal(model.student.unet.conv_in.weight, _unet_of(out).conv_in.weight)
+
+    with pytest.raises(FileExistsError, match="exists"):
+        tb.build_tiny_base(out, cfg.cameras, FAST, log=lambda s: None)
+
+
+def test_a_failed_build_leaves_no_folder(tmp_path, monkeypatch):
+    cfg = load([REPO / "configs/tiny.yaml"])
+    monkeypatch.setattr(tb, "sd_scheduler", lambda: _Unsavable())
+    with pytest.raises(KeyboardInterrupt):
+        tb.build_tiny_base(tmp_path / "base", cfg.cameras, FAST, log=lambda s: None)
+    assert not (tmp_path / "base").exists()
+
+
+class _Unsavable:
+    """A scheduler stand-in whose save is interrupted (the last write of a build)."""
+
+    def __init__(self):
+        from prd.student import sd_scheduler
+
+        self.alphas_cumprod = sd_scheduler().alphas_cumprod
+
+    def save_pretrained(self, path):
+        raise KeyboardInterrupt
+
+
+def _unet_of(folder: Path):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+
+
+def test_recipe_rejects_bad_values():
+    with pytest.raises(ValueError, match="views"):
+        tb.Recipe(views=0)
+    with pytest.raises(ValueError, match="high_t_share"):
+        tb.Recipe(high_t_share=1.5)
