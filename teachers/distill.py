@@ -85,18 +85,21 @@ class DistillationTeacher(torch.nn.Module):
         noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
         noise = noise.to(x.device)
         scale_cfg = G.guidance_scale_at(cfg, step)
-        # 3. Conditional and unconditional eps in one batch.
+        # 3. Conditional and unconditional eps in one batch; at CFG scale 1 the guided eps
+        # is the conditional one and every loss below ignores eps_u, so it is not computed.
         per_image = [p for p in prompts for _ in range(sel.views_per_object)]
         cond = self.denoiser.encode_text(per_image)
-        uncond = self.denoiser.encode_text([""] * n)
         cams = sel.cameras
         with torch.no_grad():
             x_t = sched.add_noise(x.detach(), noise, t)
-            both = _cat_cond(cond, uncond)
-            eps = self.denoiser(
-                torch.cat([x_t, x_t]), torch.cat([t, t]), both, Cameras.cat([cams, cams])
-            )
-            eps_c, eps_u = eps[:n], eps[n:]
+            if scale_cfg == 1.0:
+                eps_c = eps_u = self.denoiser(x_t, t, cond, cams)
+            else:
+                both = _cat_cond(cond, self.denoiser.encode_text([""] * n))
+                eps = self.denoiser(
+                    torch.cat([x_t, x_t]), torch.cat([t, t]), both, Cameras.cat([cams, cams])
+                )
+                eps_c, eps_u = eps[:n], eps[n:]
         # 4. The loss, normalized to the reference's size (teachers.guidance).
         c = G.loss_scale(x, cfg)
         x0 = None
