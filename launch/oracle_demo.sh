@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# The embedded default run: distill the tiny student from the oracle teachers on the 30
-# training scenes, then sample the 6 held-out and 6 training prompts to GLB and score
-# every mesh against its analytic scene.
+# The embedded default run:
+#   1. pretrain the tiny SD in code (the stand-in for SD 2.1's weights), once: runs/tiny_base
+#   2. distill the tiny student from the oracle teachers on the 30 training scenes, with
+#      one DeepSpeed rank per core (NPROC, default 2; gloo on CPU)
+#   3. sample the 6 held-out and 6 training prompts to GLB and score every mesh against
+#      its analytic scene
 #   bash launch/oracle_demo.sh [RUN_DIR]      (default runs/oracle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${1:-runs/oracle}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+BASE=runs/tiny_base  # configs/oracle.yaml's student.pretrained
+NPROC="${NPROC:-2}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 
-if [ -f "$RUN/ckpt/latest" ]; then
-  python -m prd train --config configs/oracle.yaml --out "$RUN" --resume
-else
-  python -m prd train --config configs/oracle.yaml --out "$RUN"
+if [ ! -d "$BASE" ]; then
+  # written under another name and renamed at the end: an existing folder is complete
+  OMP_NUM_THREADS="${OMP_NUM_THREADS:-$NPROC}" python -m prd tiny-base --out "$BASE"
 fi
 
+RESUME=()
+if [ -f "$RUN/ckpt/latest" ]; then RESUME=(--resume); fi
+OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+  -m prd train --config configs/oracle.yaml --out "$RUN" "${RESUME[@]}"
+
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$NPROC}"
 mkdir -p "$RUN/meshes"
 { cat configs/oracle_heldout_prompts.txt; head -n 6 configs/oracle_train_prompts.txt; } > "$RUN/meshes/prompts.txt"
 python -m prd sample --ckpt "$RUN" --prompts-file "$RUN/meshes/prompts.txt" --out "$RUN/meshes"

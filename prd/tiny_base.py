@@ -11,8 +11,9 @@ the default run's budget (``bench/conditioning.py`` measures it); this base does
      scaling_factor = 1 / std of the latents
   3. the tiny UNet: epsilon prediction on the scaled latents, conditioned on a frozen
      random-init tiny CLIP text encoder (seeded), 10% empty prompts (classifier-free
-     guidance); half the timesteps from the top 30% of the schedule, where the text decides
-     most of the image
+     guidance); 80% of the timesteps from the top 30% of the schedule, where the text
+     decides most of the image (measured: the one-step x0 at t = 999 follows the prompt's
+     colour sooner)
   4. a diffusers-format folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) that
      ``student.pretrained`` loads like SD 2.1's. It is written beside ``--out`` and renamed
      into place at the end, so an existing folder is always complete.
@@ -52,8 +53,9 @@ class Recipe:
     vae_batch: int = 16
     unet_steps: int = 600
     unet_batch: int = 64
-    lr: float = 1e-3
-    high_t_share: float = 0.5
+    vae_lr: float = 1e-3
+    unet_lr: float = 2e-3
+    high_t_share: float = 0.8
     """Share of each UNet batch whose timestep is drawn from the top 30% of the schedule."""
     seed: int = 0
 
@@ -81,7 +83,7 @@ def render_dataset(
 def train_vae(images: torch.Tensor, recipe: Recipe, gen: torch.Generator, log) -> AutoencoderKL:
     """The tiny VAE fitted to ``images``, its scaling_factor set to 1 / std of their latents."""
     vae = AutoencoderKL(**TINY_VAE)
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr)
     start = time.perf_counter()
     for step in range(1, recipe.vae_steps + 1):
         x = images[torch.randint(0, len(images), (recipe.vae_batch,), generator=gen)]
@@ -133,7 +135,7 @@ def train_unet(
     unet = UNet2DConditionModel(**TINY_UNET)
     ab = sd_scheduler().alphas_cumprod
     empty = len(text) - 1
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr)
     start = time.perf_counter()
     for step in range(1, recipe.unet_steps + 1):
         i = torch.randint(0, len(latents), (recipe.unet_batch,), generator=gen)
@@ -222,7 +224,9 @@ def add_arguments(p) -> None:
     p.add_argument("--views", type=int, default=defaults.views, help="images per scene")
     p.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     p.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
-    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--vae-lr", type=float, default=defaults.vae_lr)
+    p.add_argument("--unet-lr", type=float, default=defaults.unet_lr)
+    p.add_argument("--high-t-share", type=float, default=defaults.high_t_share)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 
@@ -233,7 +237,9 @@ def run(args) -> int:
         views=args.views,
         vae_steps=args.vae_steps,
         unet_steps=args.unet_steps,
-        lr=args.lr,
+        vae_lr=args.vae_lr,
+        unet_lr=args.unet_lr,
+        high_t_share=args.high_t_share,
         seed=args.seed,
     )
     if args.threads:
