@@ -14,6 +14,11 @@ Every --every steps it prints, over the 30 training prompts (fixed noise): the c
 error at surface points (L2 in RGB; the vocabulary's mean colour scores ~0.63) and the
 mean |SDF| on the true surface.
 
+With configs/oracle.yaml the student starts from the pretrained tiny base in
+runs/tiny_base (``prd tiny-base --out runs/tiny_base``); the random-init student of
+earlier defaults is ``student.pretrained=null student.train_base=true
+student.denoiser_skip=true``.
+
     python -m bench.conditioning [--path student|latents] [--batch 6] [--steps 120]
                                  [--config configs/oracle.yaml] [key=value ...]
 """
