@@ -218,6 +218,22 @@ def sd_scheduler() -> DDPMScheduler:
     )
 
 
+@torch.no_grad()
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
+) -> torch.Tensor:
+    """prompts -> (B, 77, C_text) last hidden states, padded and truncated to 77 tokens as
+    SD conditions on them; on the text encoder's device."""
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=TEXT_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device)).last_hidden_state
+
+
 class _CastConv2d(nn.Conv2d):
     """Conv2d that runs in its own (fp32) dtype on inputs of a lower-precision base model."""
 
@@ -274,17 +290,9 @@ class PRDStudent(nn.Module):
     def text_dim(self) -> int:
         return self.text_encoder.config.hidden_size
 
-    @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """prompts -> (B, 77, C_text) last hidden states of the frozen text encoder."""
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=TEXT_LENGTH,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.alphas_cumprod.device)).last_hidden_state
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
 
     def text_encoder_id(self) -> str:
         """Names this text encoder for an embedding cache: arch, weights folder and a

@@ -34,7 +34,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from prd.config import load
-from prd.student import TEXT_LENGTH, TINY_TEXT, TINY_UNET, TINY_VAE, sd_scheduler
+from prd.progressive import add_noise, x0_from_eps
+from prd.student import TINY_TEXT, TINY_UNET, TINY_VAE, encode_prompts, sd_scheduler
 from prompts.tokenizer import build_clip_tokenizer
 from renderers.cameras import CameraSampling, sample_cameras
 from teachers.scenes import TRAIN_PROMPTS, parse_prompt, render_scenes, scene_color
@@ -143,8 +144,7 @@ def train_unet(
         cond[torch.rand(len(i), generator=gen) < 0.1] = empty
         noise = torch.randn(latents[i].shape, generator=gen)
         t = draw_timesteps(len(i), len(ab), recipe.high_t_share, gen)
-        a = ab[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * latents[i] + (1 - a).sqrt() * noise
+        z_t = add_noise(latents[i], noise, t, ab)
         loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=text[cond]).sample, noise)
         opt.zero_grad()
         loss.backward()
@@ -165,9 +165,8 @@ def colour_error(
     n = len(prompts)
     z = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     t = torch.full((n,), len(ab) - 1)
-    a = ab[t].view(-1, 1, 1, 1)
     with torch.no_grad():
-        x0 = (z - (1 - a).sqrt() * unet(z, t, encoder_hidden_states=text).sample) / a.sqrt()
+        x0 = x0_from_eps(z, unet(z, t, encoder_hidden_states=text).sample, t, ab)
         img = (vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1) + 1) / 2
     grey = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
     fg = ((img - grey).abs().sum(1, keepdim=True) > 0.15).float()
@@ -192,11 +191,7 @@ def build_tiny_base(out: Path, cameras: CameraSampling, recipe: Recipe, log=prin
 
     tokenizer = build_clip_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).requires_grad_(False).eval()
-    ids = tokenizer(
-        prompts + [""], padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt"
-    ).input_ids
-    with torch.no_grad():
-        text = text_encoder(ids).last_hidden_state  # the last row: the empty prompt
+    text = encode_prompts(tokenizer, text_encoder, prompts + [""])  # last row: empty prompt
 
     def probe(unet):
         return f"x0@999 colour error {colour_error(unet, vae, text[:-1], prompts):.3f}"
