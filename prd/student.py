@@ -18,37 +18,23 @@ keep channels [0:C] and texture planes [C:2C] (DESIGN, "Student").
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from prd.arch import (
+    ARCH_CONFIGS,
+    ARCHS,
+    TEXT_LENGTH,
+    encode_prompts,
+    load_pretrained,
+    sd_scheduler,
+)
 from prd.peta import PetaConfig, PetaModules, apply_peta, peta_parameter_groups
 from prompts.tokenizer import build_clip_tokenizer
-
-ARCHS = ("tiny", "sd21")
-TEXT_LENGTH = 77
-CHECKPOINT_FORMAT = "prd-trainable-v1"
-# Files of a diffusers-format SD folder that the student reads; "a | b": either one (the
-# hub's folders carry vocab.json + merges.txt, transformers 5 saves tokenizer.json).
-PRETRAINED_FILES = (
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/vocab.json | tokenizer/tokenizer.json",
-    "tokenizer/merges.txt | tokenizer/tokenizer.json",
-    "scheduler/scheduler_config.json",
-)
 
 
 @dataclass
@@ -133,105 +119,6 @@ class StudentConfig:
             vae_conv_lora=self.vae_conv_lora,
             vae_attn_lora=self.vae_attn_lora,
         )
-
-
-# stabilityai/stable-diffusion-2-1-base unet/config.json (architecture keys).
-SD21_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20, 20),  # number of heads (head dim 64), diffusers' naming
-    cross_attention_dim=1024,
-    use_linear_projection=True,
-    norm_num_groups=32,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
-# Same block structure at CPU size; 2 and 4 heads of dim 16.
-TINY_UNET = dict(
-    SD21_UNET,
-    sample_size=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 2,
-    up_block_types=("CrossAttnUpBlock2D",) * 2,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    attention_head_dim=(2, 4),
-    cross_attention_dim=32,
-    norm_num_groups=8,
-)
-# stabilityai/stable-diffusion-2-1-base vae/config.json.
-SD21_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=768,
-    scaling_factor=0.18215,
-)
-# Three decoder blocks: planes upsample x4 (8 -> 32), enough texels for the oracle scenes.
-TINY_VAE = dict(
-    SD21_VAE,
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 32, 64),
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=16,
-)
-# stable-diffusion-2-1-base text_encoder/config.json: OpenCLIP ViT-H text tower, last layer dropped.
-SD21_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=23,
-    num_attention_heads=16,
-    max_position_embeddings=TEXT_LENGTH,
-    hidden_act="gelu",
-    projection_dim=512,
-    eos_token_id=49407,
-)
-TINY_TEXT = dict(SD21_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2, projection_dim=32)  # fmt: skip
-ARCH_CONFIGS = {
-    "sd21": (SD21_UNET, SD21_VAE, SD21_TEXT),
-    "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT),
-}
-
-
-def sd_scheduler() -> DDPMScheduler:
-    """SD's DDPM training schedule: scaled_linear betas 0.00085..0.012, 1000 steps, eps."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
-
-
-@torch.no_grad()
-def encode_prompts(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
-) -> torch.Tensor:
-    """prompts -> (B, 77, C_text) last hidden states, padded and truncated to 77 tokens as
-    SD conditions on them; on the text encoder's device."""
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=TEXT_LENGTH,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device)).last_hidden_state
 
 
 class _CastConv2d(nn.Conv2d):
@@ -339,41 +226,6 @@ class PRDStudent(nn.Module):
         return feats[:, :3, :c], feats[:, 3:, c:]
 
 
-def _check_pretrained(folder: Path, arch: str) -> None:
-    if not folder.is_dir():
-        hint = f"; `prd tiny-base --out {folder}` builds one" if arch == "tiny" else ""
-        raise FileNotFoundError(
-            f"student.pretrained: no folder {folder}{hint}; a diffusers-format "
-            f"stable-diffusion-2-1-base folder has: {list(PRETRAINED_FILES)}"
-        )
-    missing = [
-        f for f in PRETRAINED_FILES if not any((folder / a).is_file() for a in f.split(" | "))
-    ]
-    if missing:
-        raise FileNotFoundError(
-            f"pretrained SD folder {folder} is missing {missing}; a diffusers-format "
-            f"stable-diffusion-2-1-base folder has: {list(PRETRAINED_FILES)}"
-        )
-
-
-def _load_pretrained(cfg: StudentConfig, dtype: torch.dtype):
-    folder = Path(cfg.pretrained)
-    _check_pretrained(folder, cfg.arch)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-    want = ARCH_CONFIGS[cfg.arch][0]
-    for key in ("block_out_channels", "cross_attention_dim"):
-        got, exp = unet.config[key], want[key]
-        if (list(got) if isinstance(got, (list, tuple)) else got) != (
-            list(exp) if isinstance(exp, (list, tuple)) else exp
-        ):
-            raise ValueError(f"{folder}/unet/config.json: {key}={got}, arch {cfg.arch} has {exp}")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    return tokenizer, text, unet, vae, scheduler
-
-
 def build_student(
     cfg: StudentConfig, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> PRDStudent:
@@ -385,7 +237,7 @@ def build_student(
     if cfg.pretrained is not None:
         if torch.device(device or "cpu").type == "meta":
             raise ValueError("device='meta' builds the in-code arch; set pretrained=None")
-        tokenizer, text, unet, vae, scheduler = _load_pretrained(cfg, dtype)
+        tokenizer, text, unet, vae, scheduler = load_pretrained(cfg.pretrained, cfg.arch, dtype)
         return PRDStudent(cfg, tokenizer, text, unet, vae, scheduler).to(device)
     unet_cfg, vae_cfg, text_cfg = ARCH_CONFIGS[cfg.arch]
     tokenizer = build_clip_tokenizer()
@@ -401,100 +253,6 @@ def build_student(
             torch.nn.init.zeros_(unet.conv_out.weight)
             torch.nn.init.zeros_(unet.conv_out.bias)
         return PRDStudent(cfg, tokenizer, text, unet, vae, sd_scheduler())
-
-
-def _base_modules(model: PRDStudent) -> dict[str, nn.Module]:
-    return {"unet": model.unet, "decoder": model.decoder}
-
-
-def trainable_state_dict(model: PRDStudent) -> dict[str, torch.Tensor]:
-    """The tensors that require grad, keyed by their name in the student."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _metadata(model: PRDStudent) -> dict[str, str]:
-    cfg = model.cfg
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "arch": cfg.arch,
-        "lora_rank": str(cfg.lora_rank),
-        "planes": str(cfg.planes),
-        "triplane_channels": str(cfg.triplane_channels),
-        "base_fingerprint": json.dumps(base_fingerprint(model)),
-    }
-
-
-def base_fingerprint(model: PRDStudent) -> list[float]:
-    """Mean and std of the first and last frozen tensor of the UNet and of the decoder.
-
-    Cheap evidence that adapters are loaded onto the base weights they were trained on;
-    compared with a relative tolerance so fp16 / bf16 copies of one base still match.
-    A module trained whole (``train_base``) has no frozen tensor and contributes nothing:
-    its weights are all in the exported file.
-    """
-    stats = []
-    for module in _base_modules(model).values():
-        frozen = [p for p in module.parameters() if not p.requires_grad]
-        for p in frozen[:1] + frozen[-1:]:
-            x = p.detach().double()
-            stats += [x.mean().item(), x.std().item()]
-    return stats
-
-
-def save_trainable(model: PRDStudent, path: str | Path) -> None:
-    """Write the trainable tensors (fp32) to a safetensors file with a metadata header."""
-    tensors = {
-        n: p.detach().float().cpu().contiguous() for n, p in trainable_state_dict(model).items()
-    }
-    save_file(tensors, str(path), metadata=_metadata(model))
-
-
-def load_trainable(model: PRDStudent, path: str | Path) -> None:
-    """Load trainable tensors saved by save_trainable into `model`, in place.
-
-    Fails, naming the keys or fields, on a metadata mismatch (format, arch, rank, planes,
-    channels, base-weight fingerprint), a missing or unexpected key, or a shape mismatch.
-    """
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
-    check_metadata(meta, _metadata(model), path)
-    copy_checked(trainable_state_dict(model), tensors, path)
-
-
-def check_metadata(meta: dict, want: dict, path, prefix: str = "") -> None:
-    """Compare a weights file's header with a model's ``_metadata`` (keys of the header
-    carry ``prefix``); the base fingerprint with a relative tolerance. Raises ValueError
-    naming the field."""
-    for key in ("format", "arch", "lora_rank", "planes", "triplane_channels"):
-        if meta.get(prefix + key) != want[key]:
-            got = meta.get(prefix + key)
-            raise ValueError(f"{path}: metadata {prefix}{key}={got!r}, model has {want[key]!r}")
-    got_fp = json.loads(meta.get(prefix + "base_fingerprint", "[]"))
-    want_fp = json.loads(want["base_fingerprint"])
-    if len(got_fp) != len(want_fp) or not torch.allclose(
-        torch.tensor(got_fp), torch.tensor(want_fp), rtol=1e-2, atol=1e-6
-    ):
-        raise ValueError(
-            f"{path}: adapters were trained on other base weights "
-            f"(fingerprint {got_fp} vs model {want_fp})"
-        )
-
-
-def copy_checked(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path) -> None:
-    """Copy ``tensors`` into ``params`` in place after checking that the key sets and the
-    shapes agree (KeyError / ValueError naming the keys)."""
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
-    bad = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(p.shape)}" for k, p in params.items()
-           if tensors[k].shape != p.shape]  # fmt: skip
-    if bad:
-        raise ValueError(f"{path}: shape mismatch (file vs model) {bad}")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[k])
 
 
 def count_parameters(model: PRDStudent) -> dict:

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from prd.arch import TINY_TEXT, TINY_UNET, TINY_VAE, encode_prompts, sd_scheduler
 from prd.config import load
 from prd.progressive import add_noise, x0_from_eps
-from prd.student import TINY_TEXT, TINY_UNET, TINY_VAE, encode_prompts, sd_scheduler
 from prompts.tokenizer import build_clip_tokenizer
 from renderers.cameras import CameraSampling, sample_cameras
 from teachers.scenes import TRAIN_PROMPTS, parse_prompt, render_scenes, scene_color

@@ -16,10 +16,77 @@ from safetensors.torch import save_file
 
 from prd import checkpoint
 from prd.configio import to_yaml
-from prd.student import _metadata as student_metadata
-from prd.student import check_metadata, copy_checked
 
 FORMAT = "prd-weights-1"
+# the student's fields of the header keep the name of the student-only format they came from
+STUDENT_FORMAT = "prd-trainable-v1"
+
+
+def student_metadata(student) -> dict[str, str]:
+    """The student's fields of a weights file's header (a ``prd.student.PRDStudent``):
+    the layout its adapters fit and the base weights they were trained on."""
+    cfg = student.cfg
+    return {
+        "format": STUDENT_FORMAT,
+        "arch": cfg.arch,
+        "lora_rank": str(cfg.lora_rank),
+        "planes": str(cfg.planes),
+        "triplane_channels": str(cfg.triplane_channels),
+        "base_fingerprint": json.dumps(base_fingerprint(student)),
+    }
+
+
+def base_fingerprint(student) -> list[float]:
+    """Mean and std of the first and last frozen tensor of the student's UNet and of its
+    VAE decoder.
+
+    Cheap evidence that adapters are loaded onto the base weights they were trained on;
+    compared with a relative tolerance so fp16 / bf16 copies of one base still match.
+    A module trained whole (``train_base``) has no frozen tensor and contributes nothing:
+    its weights are all in the exported file.
+    """
+    stats = []
+    for module in (student.unet, student.decoder):
+        frozen = [p for p in module.parameters() if not p.requires_grad]
+        for p in frozen[:1] + frozen[-1:]:
+            x = p.detach().double()
+            stats += [x.mean().item(), x.std().item()]
+    return stats
+
+
+def _check_metadata(meta: dict, want: dict, path, prefix: str = "") -> None:
+    """Compare a weights file's header with ``student_metadata`` of a model (keys of the
+    header carry ``prefix``); the base fingerprint with a relative tolerance. Raises ValueError
+    naming the field."""
+    for key in ("format", "arch", "lora_rank", "planes", "triplane_channels"):
+        if meta.get(prefix + key) != want[key]:
+            got = meta.get(prefix + key)
+            raise ValueError(f"{path}: metadata {prefix}{key}={got!r}, model has {want[key]!r}")
+    got_fp = json.loads(meta.get(prefix + "base_fingerprint", "[]"))
+    want_fp = json.loads(want["base_fingerprint"])
+    if len(got_fp) != len(want_fp) or not torch.allclose(
+        torch.tensor(got_fp), torch.tensor(want_fp), rtol=1e-2, atol=1e-6
+    ):
+        raise ValueError(
+            f"{path}: adapters were trained on other base weights "
+            f"(fingerprint {got_fp} vs model {want_fp})"
+        )
+
+
+def _copy_checked(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path) -> None:
+    """Copy ``tensors`` into ``params`` in place after checking that the key sets and the
+    shapes agree (KeyError / ValueError naming the keys)."""
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+    bad = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(p.shape)}" for k, p in params.items()
+           if tensors[k].shape != p.shape]  # fmt: skip
+    if bad:
+        raise ValueError(f"{path}: shape mismatch (file vs model) {bad}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k])
 
 
 def trainable_tensors(model) -> dict[str, torch.nn.Parameter]:
@@ -99,5 +166,5 @@ def load_weights(model, path: str | Path) -> None:
     for key, value in expected.items():
         if meta.get(key) != value:
             raise ValueError(f"{path}: metadata {key}={meta.get(key)!r}, the model has {value!r}")
-    check_metadata(meta, student_metadata(model.student), path, prefix="student.")
-    copy_checked(trainable_tensors(model), tensors, path)
+    _check_metadata(meta, student_metadata(model.student), path, prefix="student.")
+    _copy_checked(trainable_tensors(model), tensors, path)

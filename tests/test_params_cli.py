@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from prd import cli
-from prd.student import SD21_UNET, SD21_VAE
+from prd.arch import SD21_UNET, SD21_VAE
 
 REPO = Path(__file__).resolve().parents[1]
 

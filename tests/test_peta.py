@@ -8,9 +8,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
+from prd.arch import TINY_UNET, TINY_VAE
 from prd.attention import JointPlaneAttnProcessor, set_joint_attention
 from prd.peta import PetaConfig, PlaneLoRALinear, apply_peta, peta_parameter_groups
-from prd.student import TINY_UNET, TINY_VAE
 
 P = 6
 

@@ -1,20 +1,11 @@
-"""The student: schedule, text routing, decode layout, checkpoints, counts, loading."""
+"""The student: schedule, text routing, decode layout, counts, loading a base."""
 
 import os
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from prd.student import (
-    StudentConfig,
-    build_student,
-    count_parameters,
-    load_trainable,
-    save_trainable,
-    trainable_state_dict,
-)
+from prd.student import StudentConfig, build_student, count_parameters
 
 P, C = 6, 32
 
@@ -127,61 +118,10 @@ def _randomized(seed: int, **kw):
     model = _student(**kw)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in trainable_state_dict(model).values():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     return model
-
-
-def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_meta:
-        edit_meta(meta)
-    save_file(tensors, str(dst), metadata=meta)
-
-
-def test_save_load_round_trip_is_exact(tmp_path):
-    src = _randomized(7)
-    path = tmp_path / "adapters.safetensors"
-    save_trainable(src, path)
-    dst = _student()  # same base weights (seed 0), fresh adapters
-    load_trainable(dst, path)
-    want, got = trainable_state_dict(src), trainable_state_dict(dst)
-    assert want.keys() == got.keys()
-    for k in want:
-        assert torch.equal(want[k], got[k]), k
-    z, t = torch.randn(P, 4, 8, 8), torch.full((P,), 300)
-    text = torch.randn(1, 77, 32)
-    with torch.no_grad():
-        assert torch.equal(src.predict_x0(z, t, text), dst.predict_x0(z, t, text))
-
-
-def test_load_fails_loudly_naming_the_key(tmp_path):
-    model = _randomized(7)
-    path, bad = tmp_path / "a.safetensors", tmp_path / "bad.safetensors"
-    save_trainable(model, path)
-    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A"
-
-    _rewrite(path, bad, edit_tensors=lambda t: t.pop(key))
-    with pytest.raises(KeyError, match=r"missing keys \['unet\.down_blocks\.0\.attentions"):
-        load_trainable(model, bad)
-    _rewrite(path, bad, edit_tensors=lambda t: t.update({"unet.extra.lora_A": torch.zeros(1)}))
-    with pytest.raises(KeyError, match="unexpected keys \\['unet.extra.lora_A'\\]"):
-        load_trainable(model, bad)
-    _rewrite(path, bad, edit_tensors=lambda t: t.update({key: t[key][:, :2].clone()}))
-    with pytest.raises(ValueError, match="shape mismatch.*attn1.to_q.lora_A"):
-        load_trainable(model, bad)
-    _rewrite(path, bad, edit_meta=lambda m: m.update(arch="sd21"))
-    with pytest.raises(ValueError, match="metadata arch='sd21', model has 'tiny'"):
-        load_trainable(model, bad)
-    _rewrite(path, bad, edit_meta=lambda m: m.update(lora_rank="8"))
-    with pytest.raises(ValueError, match="lora_rank"):
-        load_trainable(model, bad)
-    with pytest.raises(ValueError, match="other base weights"):
-        load_trainable(_student(seed=1), path)  # a different base model
 
 
 def _rss_mb() -> float:
@@ -227,7 +167,7 @@ def test_pretrained_folder_round_trip(tmp_path, student):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from prd.student import TINY_TEXT, TINY_UNET, TINY_VAE, sd_scheduler
+    from prd.arch import TINY_TEXT, TINY_UNET, TINY_VAE, sd_scheduler
 
     text = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
     unet = UNet2DConditionModel(**TINY_UNET)
@@ -256,7 +196,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         t = torch.full((P,), 600)
         geo, tex = model.decode(model.predict_x0(z, t, torch.ones(1, 77, 32)))
         (geo.square().mean() + tex.mean()).backward()
-        grads.append({n: p.grad.clone() for n, p in trainable_state_dict(model).items()})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
 

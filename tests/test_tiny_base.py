@@ -77,7 +77,7 @@ class _Unsavable:
     """A scheduler stand-in whose save is interrupted (the last write of a build)."""
 
     def __init__(self):
-        from prd.student import sd_scheduler
+        from prd.arch import sd_scheduler
 
         self.alphas_cumprod = sd_scheduler().alphas_cumprod
 
