@@ -52,7 +52,7 @@ class Recipe:
     """Images per training scene."""
     vae_steps: int = 200
     vae_batch: int = 16
-    unet_steps: int = 600
+    unet_steps: int = 450
     unet_batch: int = 64
     vae_lr: float = 1e-3
     unet_lr: float = 2e-3

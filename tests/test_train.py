@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -221,7 +222,8 @@ def test_run_folder_errors_come_before_any_heavy_work(two_steps, monkeypatch, tm
     with pytest.raises(ValueError, match="already holds a run.*step 2.*--resume"):
         train_mod.train(cfg, run_dir)
     other = tiny_cfg("train.steps=2", "mesh.enabled=true", "train.lr=5e-4", "volume.n_uniform=8")
-    named = r"train\.lr: 0\.002 -> 0\.0005.*volume\.n_uniform: 16 -> 8"
+    was = (re.escape(f"{cfg.train.lr} -> 0.0005"), f"{cfg.volume.n_uniform} -> 8")
+    named = rf"train\.lr: {was[0]}.*volume\.n_uniform: {was[1]}"
     with pytest.raises(ValueError, match=named):
         train_mod.train(other, run_dir, resume=True)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
