@@ -114,16 +114,6 @@ def test_objects_do_not_mix_through_the_student(student):
     assert (a[:P] - b[:P]).abs().amax() > 1e-3
 
 
-def _randomized(seed: int, **kw):
-    model = _student(**kw)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    return model
-
-
 def _rss_mb() -> float:
     """Current resident set size of this process (Linux)."""
     with open("/proc/self/statm") as f:
@@ -187,10 +177,10 @@ def test_pretrained_folder_round_trip(tmp_path, student):
         build_student(StudentConfig(arch="sd21", pretrained=str(tmp_path)))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(randomize_trainable):
     grads = []
     for ckpt in (False, True):
-        model = _randomized(3, gradient_checkpointing=ckpt).train()
+        model = randomize_trainable(_student(gradient_checkpointing=ckpt), 3).train()
         assert model.unet.is_gradient_checkpointing == ckpt
         z = torch.randn(P, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         t = torch.full((P,), 600)

@@ -14,25 +14,14 @@ TINY = ["configs/tiny.yaml"]
 KEY = "student.unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A"
 
 
-def _trained(cfg, seed: int):
-    """The tiny model with random trainable tensors (base weights from train.seed)."""
-    model = build_model(cfg, seed=cfg.train.seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    return model
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return load(TINY)
 
 
 @pytest.fixture(scope="module")
-def saved(cfg, tmp_path_factory):
-    model = _trained(cfg, seed=7)
+def saved(cfg, tmp_path_factory, randomize_trainable):
+    model = randomize_trainable(build_model(cfg, seed=cfg.train.seed), seed=7)
     return model, save_weights(model, cfg, tmp_path_factory.mktemp("run"), step=3)
 
 
