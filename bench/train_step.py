@@ -1,10 +1,12 @@
 """Time breakdown of one training step's parts (one progressive step k, then x K).
 
-    python -m bench.train_step --config configs/oracle.yaml [key=value ...]
+    python -m bench.train_step --config configs/oracle.yaml [--step N] [key=value ...]
 
 Times, on the current device, with one torch thread unless --threads: text encoding,
 student UNet + x0, VAE decode, volume branch, mesh branch, each teacher per branch,
-backward, and the optimizer step; plus the total of K progressive steps.
+backward, and the optimizer step; plus the total of K progressive steps. The eikonal and
+sparsity terms enter with their ramps' weights at training step --step, as in the loop: a
+term whose weight is 0 is left out of the backward pass, which then costs less.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     p.add_argument("--config", action="append", default=["configs/oracle.yaml"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--step", type=int, default=0, help="training step of the ramps' weights")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,7 +84,11 @@ def main() -> None:
             branches["mesh"] = clock(
                 "mesh_branch", mesh_branch, field, cams, cfg.mesh, cfg.mesh_grid, background
             )
-        loss = sum(v for v in branches["volume"].regularizers.values())
+        regs = branches["volume"].regularizers
+        loss = torch.zeros(())
+        for name, ramp in (("eikonal", cfg.train.eikonal), ("sparsity", cfg.train.sparsity)):
+            if ramp.at(args.step) > 0:
+                loss = loss + ramp.at(args.step) * regs[name]
         for branch, out in branches.items():
             for teacher in teachers:
                 g = clock(
