@@ -5,8 +5,8 @@
 Times, on the current device, with one torch thread unless --threads: text encoding,
 student UNet + x0, VAE decode, volume branch, mesh branch, each teacher per branch,
 backward, and the optimizer step; plus the total of K progressive steps. The eikonal and
-sparsity terms enter with their ramps' weights at training step --step, as in the loop: a
-term whose weight is 0 is left out of the backward pass, which then costs less.
+sparsity terms enter with their ramps' weights at training step --step, as in the loop
+(``prd.train.regularization``: a term whose weight is 0 is left out).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from prd.config import load
 from prd.model import build_model
 from prd.progressive import progressive_timesteps
 from prd.teacher_setup import build_teachers
-from prd.train import make_optimizer
+from prd.train import make_optimizer, regularization
 from renderers.cameras import sample_cameras
 
 
@@ -84,11 +84,7 @@ def main() -> None:
             branches["mesh"] = clock(
                 "mesh_branch", mesh_branch, field, cams, cfg.mesh, cfg.mesh_grid, background
             )
-        regs = branches["volume"].regularizers
-        loss = torch.zeros(())
-        for name, ramp in (("eikonal", cfg.train.eikonal), ("sparsity", cfg.train.sparsity)):
-            if ramp.at(args.step) > 0:
-                loss = loss + ramp.at(args.step) * regs[name]
+        loss = regularization(branches["volume"].regularizers, cfg.train, args.step)
         for branch, out in branches.items():
             for teacher in teachers:
                 g = clock(

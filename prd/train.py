@@ -31,7 +31,7 @@ import torch
 
 from prd import checkpoint, distributed
 from prd.branches import mesh_branch, volume_branch
-from prd.config import Config, load
+from prd.config import Config, TrainConfig, load
 from prd.configio import load_config_text, to_dict, to_yaml
 from prd.logs import RunLogger
 from prd.model import PRDModel, build_model
@@ -103,6 +103,16 @@ def reaching_every_parameter(loss: torch.Tensor, params: list[torch.Tensor]) -> 
     mismatch."""
     anchor = sum(p.reshape(-1)[0] for p in params)
     return loss + 0.0 * anchor
+
+
+def regularization(regs: dict[str, torch.Tensor], t: TrainConfig, step: int) -> torch.Tensor:
+    """The volume branch's eikonal and sparsity terms weighted by their ramps at ``step``;
+    a term whose weight is 0 is left out, so nothing backpropagates through it."""
+    total = next(iter(regs.values())).new_zeros(())
+    for name, ramp in (("eikonal", t.eikonal), ("sparsity", t.sparsity)):
+        if ramp.at(step) > 0:
+            total = total + ramp.at(step) * regs[name]
+    return total
 
 
 def make_optimizer(cfg: Config, params):
@@ -271,11 +281,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                         losses[f"{teacher.name}/{branch}/k{k + 1}"] = g.loss.item()
                         images[(branch, k, teacher.name)] = (out.views, g.target)
                 regs = branches["volume"].regularizers
-                for name, ramp in (("eikonal", t_cfg.eikonal), ("sparsity", t_cfg.sparsity)):
-                    weight = ramp.at(step)
-                    losses[f"{name}/k{k + 1}"] = regs[name].item()
-                    if weight > 0:
-                        loss_k = loss_k + weight * regs[name]
+                for name, value in regs.items():
+                    losses[f"{name}/k{k + 1}"] = value.item()
+                loss_k = loss_k + regularization(regs, t_cfg, step)
                 losses[f"total/k{k + 1}"] = loss_k.item()
                 if not torch.isfinite(loss_k):
                     # Backpropagated anyway: ZeRO's non-finite gradient check then skips the

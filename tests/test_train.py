@@ -222,8 +222,8 @@ def test_run_folder_errors_come_before_any_heavy_work(two_steps, monkeypatch, tm
     with pytest.raises(ValueError, match="already holds a run.*step 2.*--resume"):
         train_mod.train(cfg, run_dir)
     other = tiny_cfg("train.steps=2", "mesh.enabled=true", "train.lr=5e-4", "volume.n_uniform=8")
-    was = (re.escape(f"{cfg.train.lr} -> 0.0005"), f"{cfg.volume.n_uniform} -> 8")
-    named = rf"train\.lr: {was[0]}.*volume\.n_uniform: {was[1]}"
+    lr = re.escape(str(cfg.train.lr))
+    named = rf"train\.lr: {lr} -> 0\.0005.*volume\.n_uniform: {cfg.volume.n_uniform} -> 8"
     with pytest.raises(ValueError, match=named):
         train_mod.train(other, run_dir, resume=True)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
@@ -367,3 +367,16 @@ def test_every_parameter_gets_a_gradient_and_the_loss_is_unchanged():
     anchored.backward()
     assert torch.equal(a.grad, 2 * a.detach())  # d/da sum(a^2)
     assert b.grad is not None and torch.equal(b.grad, torch.zeros(2, 2))
+
+
+def test_regularization_weights_the_terms_by_their_ramps_and_drops_zero_weights():
+    ramps = ["train.eikonal.start=0.5", "train.eikonal.end=0.0", "train.eikonal.steps=10"]
+    t = load(
+        [REPO / "configs/tiny.yaml"], [*ramps, "train.sparsity.start=2.0", "train.sparsity.end=2.0"]
+    ).train
+    eik = torch.tensor(3.0, requires_grad=True)
+    regs = {"eikonal": eik, "sparsity": torch.tensor(5.0)}
+    # step 4 of 10: eikonal weight 0.5 * (1 - 0.4) = 0.3
+    assert train_mod.regularization(regs, t, 4).item() == pytest.approx(0.3 * 3.0 + 2.0 * 5.0)
+    late = train_mod.regularization(regs, t, 10)  # the eikonal ramp has reached 0
+    assert late.item() == 10.0 and not late.requires_grad
