@@ -4,6 +4,11 @@ One process by default (no launcher needed); ``torchrun`` or ``deepspeed`` launc
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for more. On machines without
 CUDA, DeepSpeed's CPU accelerator is selected (``DS_ACCELERATOR=cpu`` must be set before
 deepspeed is imported) and the gloo backend carries the collectives.
+
+On CPU, DeepSpeed would also JIT-compile its shared-memory all-reduce op when its comm
+backend starts (measured: 52 s on the first launch of a 2-core machine, cached after). That
+op serves only ``inference_all_reduce``; training collectives go through torch.distributed
+(gloo) either way, so the op is marked unavailable and never built (``_skip_shm_comm``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _skip_shm_comm() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce op (module docstring).
+
+    ``deepspeed.ops.__compatible_ops__`` is DeepSpeed's cached table of buildable ops, which
+    its comm backend consults before building; an entry set to False is left unbuilt.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Initialize torch.distributed through DeepSpeed; returns this process's place.
 
@@ -52,6 +68,8 @@ def setup(device: str = "auto") -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
+    if not use_cuda:
+        _skip_shm_comm()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     rank = torch.distributed.get_rank()

@@ -310,7 +310,8 @@ def test_finite_loss_nonfinite_gradient_skipped_on_zero_stage_1(tmp_path, monkey
 def test_two_ranks_zero2(tmp_path):
     """torch.distributed.run with 2 CPU ranks (gloo, ZeRO-2): both ranks' states are
     saved, ranks draw disjoint prompts, and the fp32 weights gathered from both ranks'
-    optimizer partitions equal rank 0's export."""
+    optimizer partitions equal rank 0's export; DeepSpeed's CPU shared-memory op is never
+    built or loaded (``prd.distributed._skip_shm_comm``)."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -321,6 +322,7 @@ def test_two_ranks_zero2(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2
+    assert "shm_comm" not in done.stdout + done.stderr
 
     cfg = load_cfg_of(run_dir)
     tag_dir = run_dir / checkpoint.CKPT_DIR / checkpoint.tag_for(2)
