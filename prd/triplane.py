@@ -81,6 +81,74 @@ def sample_planes(planes: torch.Tensor, points: torch.Tensor, bound: float) -> t
     return feats.reshape(b, 3, c, -1).transpose(2, 3)
 
 
+def sample_planes_and_slopes(
+    planes: torch.Tensor, points: torch.Tensor, bound: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sample_planes`` plus the features' exact derivatives along each plane's two axes.
+
+    planes: (B, 3, C, H, W); points: (B, N, 3). Returns (value, d_width, d_height), each
+    (B, 3, C, N); the derivatives are per world unit and 0 outside [-bound, bound], where
+    the border padding makes the features constant.
+
+    Inside texel cell i of the width axis, the bilinear feature changes along that axis by
+    the difference plane T[..., i+1] - T[..., i], linearly interpolated along the height
+    axis: a ``grid_sample`` of the difference plane with the width coordinate snapped to
+    cell i. So the derivatives cost two first-order samplings, where autograd's gradient of
+    ``grid_sample`` costs a double backward through its slow composite fallback.
+    """
+    b, p, c, h, w = planes.shape
+    if p != 3:
+        raise ValueError(f"expected 3 planes, got planes of shape {tuple(planes.shape)}")
+    uv = torch.stack([points[..., list(axes)] for axes in PLANE_AXES], dim=1) / bound
+    uv = uv.reshape(b * 3, 1, -1, 2).to(planes.dtype)
+    t = planes.reshape(b * 3, c, h, w)
+    sample = lambda img, grid: F.grid_sample(  # noqa: E731
+        img, grid, mode="bilinear", padding_mode="border", align_corners=True
+    ).reshape(b, 3, c, -1)
+    u, v = uv[..., 0], uv[..., 1]
+
+    def cell(x: torch.Tensor, n: int) -> torch.Tensor:
+        """x's texel cell along an axis of n texels, as the coordinate of that cell's
+        texel on the axis of n - 1 differences."""
+        i = ((x + 1.0) * (0.5 * (n - 1))).floor().clamp(0, n - 2)
+        return i * (2.0 / (n - 2)) - 1.0 if n > 2 else torch.zeros_like(x)
+
+    def inside(x: torch.Tensor, n: int) -> torch.Tensor:
+        return ((x > -1.0) & (x < 1.0)).to(planes.dtype).reshape(b, 3, 1, -1) * (
+            (n - 1) / (2 * bound)
+        )
+
+    value = sample(t, uv)
+    d_width = sample(t[..., 1:] - t[..., :-1], torch.stack([cell(u, w), v], dim=-1)) * inside(u, w)
+    d_height = sample(t[..., 1:, :] - t[..., :-1, :], torch.stack([u, cell(v, h)], dim=-1))
+    return value, d_width, d_height * inside(v, h)
+
+
+def mlp_and_input_gradient(seq: nn.Sequential, x: torch.Tensor):
+    """(seq(x), d seq(x) / d x) for a stack of Linear and ReLU layers with one output.
+
+    x: (..., n_in). Returns (..., 1) and (..., n_in). The input gradient is the chain rule
+    written out (each ReLU's mask times the transposed weights), so its own gradient needs
+    first-order autograd only.
+    """
+    masks, linears = [], []
+    for layer in seq:
+        if isinstance(layer, nn.Linear):
+            linears.append(layer)
+            x = layer(x)
+        elif isinstance(layer, nn.ReLU):
+            masks.append(x > 0)
+            x = torch.relu(x)
+        else:
+            raise TypeError(f"mlp_and_input_gradient handles Linear and ReLU, not {layer}")
+    if x.shape[-1] != 1 or len(masks) != len(linears) - 1:
+        raise ValueError("mlp_and_input_gradient needs Linear (ReLU Linear)* with one output")
+    grad = linears[-1].weight[0]
+    for linear, mask in zip(reversed(linears[:-1]), reversed(masks)):
+        grad = (grad * mask) @ linear.weight
+    return x, grad
+
+
 class FieldDecoder(nn.Module):
     """The trainable MLPs that turn triplane features into SDF, colour and deformation."""
 
@@ -122,6 +190,25 @@ class TriplaneField:
     def _sdf(self, feats: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         sphere = points.norm(dim=-1) - self.decoder.cfg.sphere_radius
         return self.decoder.sdf_mlp(feats).squeeze(-1) + sphere
+
+    def sdf_and_gradient(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) signed distance and its (B, N, 3) spatial gradient at points (B, N, 3),
+        both differentiable w.r.t. the planes and the MLP with first-order autograd only
+        (``renderers.field.sdf_and_normal`` uses this; the points are taken as constants)."""
+        value, d_width, d_height = sample_planes_and_slopes(self.geometry, points, self.bound)
+        sdf, d_feats = mlp_and_input_gradient(
+            self.decoder.sdf_mlp, value.sum(dim=1).transpose(1, 2)
+        )
+        d_feats = d_feats.transpose(1, 2)[:, None]  # (B, 1, C, N)
+        # world axis k gets the slopes of the planes that span it, along the plane axis it is
+        slopes = [0.0, 0.0, 0.0]
+        for plane, (k_width, k_height) in enumerate(PLANE_AXES):
+            slopes[k_width] = slopes[k_width] + d_width[:, plane]
+            slopes[k_height] = slopes[k_height] + d_height[:, plane]
+        grad = (torch.stack(slopes, dim=1) * d_feats).sum(dim=2).transpose(1, 2)  # (B, N, 3)
+        radius = points.norm(dim=-1, keepdim=True)
+        grad = grad + points / radius.clamp(min=1e-12)
+        return sdf.squeeze(-1) + radius.squeeze(-1) - self.decoder.cfg.sphere_radius, grad
 
     def color(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) albedo in [0, 1] (sigmoid) at (B, N, 3) points."""

@@ -42,8 +42,15 @@ def sdf_and_normal(field: Field, points: torch.Tensor, create_graph: bool = True
 
     Returns sdf (B, N) and grad (B, N, 3) (not normalized: the eikonal loss needs its
     norm). With ``create_graph`` the gradient is itself differentiable (training); points
-    need not require grad.
+    need not require grad. A field with a ``sdf_and_gradient(points)`` method (the
+    triplane field: a closed form with first-order autograd only) gives both when the
+    points are constants; otherwise autograd differentiates ``field.sdf``.
     """
+    closed_form = getattr(field, "sdf_and_gradient", None)
+    if closed_form is not None and not points.requires_grad:
+        with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
+            sdf, grad = closed_form(points)
+        return sdf, (grad if create_graph else grad.detach())
     # Keep the SDF's graph when the caller will backpropagate through it.
     keep = create_graph or torch.is_grad_enabled()
     with torch.enable_grad():

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from prd.triplane import FieldConfig, FieldDecoder, TriplaneField, sample_planes
+from prd.triplane import (
+    FieldConfig,
+    FieldDecoder,
+    TriplaneField,
+    mlp_and_input_gradient,
+    sample_planes,
+)
 from renderers.field import sdf_and_normal
 
 
@@ -54,6 +60,49 @@ def test_field_gradients_match_gradcheck():
     pts = torch.rand(1, 4, 3, dtype=torch.float64) * 1.6 - 0.8
     assert torch.autograd.gradcheck(lambda g: dec.bind(g, tex).sdf(pts), (geo,))
     assert torch.autograd.gradcheck(lambda t: dec.bind(geo, t).color(pts), (tex,))
+
+
+def autograd_sdf_and_gradient(field, pts):
+    """The reference: autograd's gradient of field.sdf, with its graph (double backward)."""
+    pts = pts.detach().requires_grad_(True)
+    sdf = field.sdf(pts)
+    (grad,) = torch.autograd.grad(sdf.sum(), pts, create_graph=True)
+    return sdf, grad
+
+
+def test_closed_form_sdf_gradient_equals_autograd_and_so_do_its_gradients():
+    """The triplane field's closed-form SDF gradient (used by sdf_and_normal) against
+    autograd's, at points inside and outside the planes' cube: values, and the gradients of
+    a loss on both w.r.t. the planes and the SDF MLP's weights."""
+    torch.manual_seed(0)
+    cfg = FieldConfig(channels=3, hidden=8, bound=0.6, sphere_radius=0.3)
+    dec = FieldDecoder(cfg).double()
+    geo = torch.randn(2, 3, 3, 7, 5, dtype=torch.float64, requires_grad=True)
+    tex = torch.zeros(2, 3, 3, 7, 5, dtype=torch.float64)
+    pts = (torch.rand(2, 300, 3, dtype=torch.float64) * 2 - 1) * 0.7  # some outside 0.6
+    field = dec.bind(geo, tex)
+    sdf, grad = sdf_and_normal(field, pts)
+    ref_sdf, ref_grad = autograd_sdf_and_gradient(field, pts)
+    torch.testing.assert_close(sdf, ref_sdf)
+    torch.testing.assert_close(grad, ref_grad)
+    w_sdf, w_grad = torch.randn_like(sdf), torch.randn_like(grad)
+    params = [geo, *dec.sdf_mlp.parameters()]
+    loss = lambda s, g: (s * w_sdf).sum() + (g * w_grad).sum()  # noqa: E731
+    for a, b in zip(
+        torch.autograd.grad(loss(sdf, grad), params),
+        torch.autograd.grad(loss(ref_sdf, ref_grad), params),
+    ):
+        torch.testing.assert_close(a, b)
+    # no graph asked: the gradient is a constant, the SDF keeps its graph
+    sdf, grad = sdf_and_normal(field, pts, create_graph=False)
+    assert sdf.requires_grad and not grad.requires_grad
+
+
+def test_mlp_input_gradient_refuses_layers_it_cannot_differentiate():
+    with pytest.raises(TypeError, match="Linear and ReLU"):
+        mlp_and_input_gradient(
+            torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Tanh()), torch.ones(2)
+        )
 
 
 def test_texture_features_are_concatenated_geometry_summed():
