@@ -60,6 +60,21 @@ def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
     )
 
 
+def _plane_coords(planes: torch.Tensor, points: torch.Tensor, bound: float) -> torch.Tensor:
+    """(B*3, 1, N, 2) grid_sample coordinates of points (B, N, 3) on planes (B, 3, C, H, W)."""
+    b, p = planes.shape[:2]
+    if planes.ndim != 5 or p != 3:
+        raise ValueError(f"expected 3 planes, got planes of shape {tuple(planes.shape)}")
+    uv = torch.stack([points[..., list(axes)] for axes in PLANE_AXES], dim=1) / bound  # (B,3,N,2)
+    return uv.reshape(b * 3, 1, -1, 2).to(planes.dtype)
+
+
+def _sample(images: torch.Tensor, grid: torch.Tensor, b: int) -> torch.Tensor:
+    """Bilinear, border-padded, corner-aligned samples of (B*3, C, H, W) -> (B, 3, C, N)."""
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.reshape(b, 3, images.shape[1], -1)
+
+
 def sample_planes(planes: torch.Tensor, points: torch.Tensor, bound: float) -> torch.Tensor:
     """Bilinear features of three axis planes at points.
 
@@ -67,18 +82,9 @@ def sample_planes(planes: torch.Tensor, points: torch.Tensor, bound: float) -> t
     Returns (B, 3, N, C): the features of each plane at each point's projection;
     points outside [-bound, bound] read the border (padding_mode="border").
     """
-    b, p, c, h, w = planes.shape
-    if p != 3:
-        raise ValueError(f"expected 3 planes, got planes of shape {tuple(planes.shape)}")
-    uv = torch.stack([points[..., list(axes)] for axes in PLANE_AXES], dim=1) / bound  # (B,3,N,2)
-    feats = F.grid_sample(
-        planes.reshape(b * 3, c, h, w),
-        uv.reshape(b * 3, 1, -1, 2).to(planes.dtype),
-        mode="bilinear",
-        padding_mode="border",
-        align_corners=True,
-    )  # (B*3, C, 1, N)
-    return feats.reshape(b, 3, c, -1).transpose(2, 3)
+    uv = _plane_coords(planes, points, bound)
+    b, _, c, h, w = planes.shape
+    return _sample(planes.reshape(b * 3, c, h, w), uv, b).transpose(2, 3)
 
 
 def sample_planes_and_slopes(
@@ -96,15 +102,9 @@ def sample_planes_and_slopes(
     cell i. So the derivatives cost two first-order samplings, where autograd's gradient of
     ``grid_sample`` costs a double backward through its slow composite fallback.
     """
-    b, p, c, h, w = planes.shape
-    if p != 3:
-        raise ValueError(f"expected 3 planes, got planes of shape {tuple(planes.shape)}")
-    uv = torch.stack([points[..., list(axes)] for axes in PLANE_AXES], dim=1) / bound
-    uv = uv.reshape(b * 3, 1, -1, 2).to(planes.dtype)
+    uv = _plane_coords(planes, points, bound)
+    b, _, c, h, w = planes.shape
     t = planes.reshape(b * 3, c, h, w)
-    sample = lambda img, grid: F.grid_sample(  # noqa: E731
-        img, grid, mode="bilinear", padding_mode="border", align_corners=True
-    ).reshape(b, 3, c, -1)
     u, v = uv[..., 0], uv[..., 1]
 
     def cell(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -118,10 +118,9 @@ def sample_planes_and_slopes(
             (n - 1) / (2 * bound)
         )
 
-    value = sample(t, uv)
-    d_width = sample(t[..., 1:] - t[..., :-1], torch.stack([cell(u, w), v], dim=-1)) * inside(u, w)
-    d_height = sample(t[..., 1:, :] - t[..., :-1, :], torch.stack([u, cell(v, h)], dim=-1))
-    return value, d_width, d_height * inside(v, h)
+    d_width = _sample(t[..., 1:] - t[..., :-1], torch.stack([cell(u, w), v], dim=-1), b)
+    d_height = _sample(t[..., 1:, :] - t[..., :-1, :], torch.stack([u, cell(v, h)], dim=-1), b)
+    return _sample(t, uv, b), d_width * inside(u, w), d_height * inside(v, h)
 
 
 def mlp_and_input_gradient(seq: nn.Sequential, x: torch.Tensor):
