@@ -91,8 +91,37 @@ def _unet_of(folder: Path):
     return UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
 
 
+def test_text_state_cosine_compares_only_prompts_whose_word_differs():
+    prompts = ["a red cube", "a red cone", "a blue cube"]
+    text = torch.zeros(3, 77, 2)
+    text[:, 2] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # the colour word's states
+    # colour differs only in (0, 2) and (1, 2): cosines 1/sqrt(2), both ways
+    assert tb.text_state_cosine(text, prompts, 1) == pytest.approx(2**-0.5)
+    text[:, 3] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # the shape word's
+    assert tb.text_state_cosine(text, prompts, 2) == pytest.approx(0.0)
+
+
+def test_frozen_text_encoder_has_the_asked_token_std_and_separates_words_more():
+    from prd.arch import encode_prompts
+    from prompts.tokenizer import build_clip_tokenizer
+
+    tokenizer, prompts = build_clip_tokenizer(), list(TRAIN_PROMPTS)
+    cosines = []
+    for std in (0.02, 0.3):
+        encoder = tb.frozen_text_encoder(std, torch.Generator().manual_seed(0))
+        weight = encoder.get_input_embeddings().weight
+        assert weight.std().item() == pytest.approx(std, rel=0.01)
+        assert not any(p.requires_grad for p in encoder.parameters())
+        cosines.append(
+            tb.text_state_cosine(encode_prompts(tokenizer, encoder, prompts), prompts, 1)
+        )
+    assert cosines[1] < cosines[0] - 0.1
+
+
 def test_recipe_rejects_bad_values():
     with pytest.raises(ValueError, match="views"):
         tb.Recipe(views=0)
     with pytest.raises(ValueError, match="high_t_share"):
         tb.Recipe(high_t_share=1.5)
+    with pytest.raises(ValueError, match="text_token_std"):
+        tb.Recipe(text_token_std=0.0)
