@@ -187,8 +187,11 @@ class TriplaneField:
         return self._sdf(self._geo_features(points), points)
 
     def _sdf(self, feats: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        sphere = points.norm(dim=-1) - self.decoder.cfg.sphere_radius
-        return self.decoder.sdf_mlp(feats).squeeze(-1) + sphere
+        return self.decoder.sdf_mlp(feats).squeeze(-1) + self._sphere(points)
+
+    def _sphere(self, points: torch.Tensor) -> torch.Tensor:
+        """(B, N) SDF of the sphere the MLP's output is added to."""
+        return points.norm(dim=-1) - self.decoder.cfg.sphere_radius
 
     def sdf_and_gradient(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) signed distance and its (B, N, 3) spatial gradient at points (B, N, 3),
@@ -205,9 +208,8 @@ class TriplaneField:
             slopes[k_width] = slopes[k_width] + d_width[:, plane]
             slopes[k_height] = slopes[k_height] + d_height[:, plane]
         grad = (torch.stack(slopes, dim=1) * d_feats).sum(dim=2).transpose(1, 2)  # (B, N, 3)
-        radius = points.norm(dim=-1, keepdim=True)
-        grad = grad + points / radius.clamp(min=1e-12)
-        return sdf.squeeze(-1) + radius.squeeze(-1) - self.decoder.cfg.sphere_radius, grad
+        sphere_normal = points / points.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return sdf.squeeze(-1) + self._sphere(points), grad + sphere_normal
 
     def color(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) albedo in [0, 1] (sigmoid) at (B, N, 3) points."""

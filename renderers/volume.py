@@ -219,13 +219,8 @@ def _march(field, o, d, t_near, t_far, jitter, u_imp, background, cfg, create_gr
     pts = at(mid)
 
     grad_on = torch.is_grad_enabled()
-    if create_graph or not grad_on:
-        f, grad = sdf_and_normal(field, pts, create_graph=create_graph and grad_on)
-    else:
-        # Graph wanted through the SDF but not through its gradient: sdf_and_normal frees
-        # the graph it differentiates, so take the (constant) normals apart.
-        _, grad = sdf_and_normal(field, pts, create_graph=False)
-        f = field.sdf(pts)
+    # with grad on, the SDF keeps its graph; the gradient keeps one only with create_graph
+    f, grad = sdf_and_normal(field, pts, create_graph=create_graph and grad_on)
     if not grad_on:
         f, grad = f.detach(), grad.detach()
     f = f.reshape(b, r, -1)
