@@ -81,7 +81,10 @@ class TrainConfig:
     optimizer: str = "adan"
     """"adan" (reference, pytorch-optimizer) or "adamw"."""
     lr: float = 2e-4
-    """Learning rate, constant (reference: 2e-4, no schedule)."""
+    """Learning rate (reference: 2e-4, constant)."""
+    lr_scale: Ramp = field(default_factory=lambda: Ramp(1.0, 1.0, 0))
+    """Multiplier of ``lr`` per optimizer step (reference: constant 1). A decay at the end
+    of a short run lowers the step-to-step noise of the weights it exports."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     grad_clip: float = 0.0

@@ -9,8 +9,8 @@ import torch
 
 @dataclass
 class Ramp:
-    """A value moving linearly from ``start`` to ``end`` over ``steps`` training steps,
-    then held (``steps = 0`` holds ``end`` from the first step)."""
+    """A value held at ``start`` until step ``begin``, moving linearly to ``end`` over the
+    next ``steps`` training steps, then held (``steps = 0``: ``end`` from step ``begin``)."""
 
     start: float = 1.0
     """Value at step 0."""
@@ -18,15 +18,19 @@ class Ramp:
     """Value from step ``steps`` on."""
     steps: int = 0
     """Length of the linear ramp in optimizer steps."""
+    begin: int = 0
+    """Optimizer step at which the ramp leaves ``start``."""
 
     def __post_init__(self):
-        if self.steps < 0:
-            raise ValueError(f"ramp steps must be >= 0, got {self.steps}")
+        if self.steps < 0 or self.begin < 0:
+            raise ValueError(f"ramp steps and begin must be >= 0, got {self.steps}, {self.begin}")
 
     def at(self, step: int) -> float:
-        if self.steps == 0 or step >= self.steps:
+        if step < self.begin:
+            return self.start
+        if self.steps == 0 or step >= self.begin + self.steps:
             return self.end
-        return self.start + (self.end - self.start) * step / self.steps
+        return self.start + (self.end - self.start) * (step - self.begin) / self.steps
 
 
 def eikonal_loss(grad_norm: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

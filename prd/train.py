@@ -10,7 +10,8 @@ One optimizer step, for each micro-batch of prompts:
      e. losses: every teacher on every branch, eikonal + sparsity on the volume branch
      f. backward of the step's loss; DeepSpeed divides it by its accumulation steps
         (K x grad_accum), which is the paper's 1/K; x0 is detached for step k + 1
-  3. one optimizer step (DeepSpeed at the accumulation boundary)
+  3. one optimizer step (DeepSpeed at the accumulation boundary), at the step's learning
+     rate train.lr x train.lr_scale (set before the step's first backward)
 then logging and checkpoints. Nothing else runs per step.
 
 Besides TensorBoard (``RUN/tb``), rank 0 appends one JSON object a line per step to
@@ -233,6 +234,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     for step in range(start, t_cfg.steps):
         t0 = time.perf_counter()
+        lr = t_cfg.lr * t_cfg.lr_scale.at(step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
         losses: dict[str, float] = {}
         images = {}
         step_finite = True
@@ -316,7 +320,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         }
         scalars = {
             "grad_norm": None if grad_norm is None else float(grad_norm),
-            "lr": t_cfg.lr,
+            "lr": lr,
             "seconds": time.perf_counter() - t0,
             "nonfinite_total": nonfinite_total,
         }

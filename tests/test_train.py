@@ -32,6 +32,7 @@ import prd.train as train_mod  # noqa: E402
 from prd import checkpoint  # noqa: E402
 from prd.config import Config, load  # noqa: E402
 from prd.distributed import DistInfo  # noqa: E402
+from prd.losses import Ramp  # noqa: E402
 from prd.model import build_model  # noqa: E402
 from prd.weights import load_weights  # noqa: E402
 from teachers.base import assert_frozen  # noqa: E402
@@ -239,9 +240,11 @@ def test_run_folder_errors_come_before_any_heavy_work(two_steps, monkeypatch, tm
 
 
 def test_resume_continues_exactly(tmp_path):
-    """3 steps, a kill in the middle of the next save, resume to 6 == 6 steps straight."""
+    """3 steps, a kill in the middle of the next save, resume to 6 == 6 steps straight
+    (the learning rate decays over steps 2-6, so the resumed run must pick up its ramp)."""
     split, straight = tmp_path / "split", tmp_path / "straight"
-    train_mod.train(tiny_cfg("train.steps=3", "train.ckpt_every=3"), split)
+    decay = ("train.lr_scale.end=0.25", "train.lr_scale.steps=4", "train.lr_scale.begin=2")
+    train_mod.train(tiny_cfg("train.steps=3", "train.ckpt_every=3", *decay), split)
     # the kill: the step-6 tag folder exists with partial files, ``latest`` still says 3,
     # and the metrics line of step 4 was half written
     partial = split / checkpoint.CKPT_DIR / checkpoint.tag_for(6)
@@ -252,8 +255,9 @@ def test_resume_continues_exactly(tmp_path):
         f.write('{"step": 4, "loss": 1')
     assert checkpoint.latest_step(split) == 3
 
-    straight_summary = train_mod.train(tiny_cfg("train.steps=6", "train.ckpt_every=3"), straight)
-    resumed = train_mod.train(tiny_cfg("train.steps=6", "train.ckpt_every=3"), split, resume=True)
+    six = tiny_cfg("train.steps=6", "train.ckpt_every=3", *decay)
+    straight_summary = train_mod.train(six, straight)
+    resumed = train_mod.train(six, split, resume=True)
 
     assert resumed == straight_summary
     assert [r["step"] for r in checkpoint.read_metrics(split)] == [1, 2, 3, 4, 5, 6]
@@ -261,6 +265,19 @@ def test_resume_continues_exactly(tmp_path):
     assert_same_tensors(export(split), export(straight))
     assert checkpoint.latest_step(split) == 6
     assert_same_tensors(optimizer_tensors(split, 6), optimizer_tensors(straight, 6))
+    lr = six.train.lr
+    expected = [lr, lr, lr, 0.8125 * lr, 0.625 * lr, 0.4375 * lr]  # 1 -> 0.25 over steps 2-6
+    assert [r["lr"] for r in checkpoint.read_metrics(split)] == pytest.approx(expected)
+
+
+def test_learning_rate_zero_from_a_step_on_freezes_the_weights(tmp_path):
+    """lr_scale 1 for steps 1-2, then 0: the export of step 4 equals that of step 2."""
+    zero = ("train.lr_scale.end=0.0", "train.lr_scale.begin=2", "train.optimizer=adamw")
+    run = tmp_path / "run"
+    train_mod.train(tiny_cfg("train.steps=4", "train.ckpt_every=2", *zero), run)
+    lr = tiny_cfg().train.lr
+    assert [r["lr"] for r in checkpoint.read_metrics(run)] == [lr, lr, 0.0, 0.0]
+    assert_same_tensors(export(run, 4), export(run, 2))
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
@@ -369,6 +386,14 @@ def test_every_parameter_gets_a_gradient_and_the_loss_is_unchanged():
     anchored.backward()
     assert torch.equal(a.grad, 2 * a.detach())  # d/da sum(a^2)
     assert b.grad is not None and torch.equal(b.grad, torch.zeros(2, 2))
+
+
+def test_ramp_holds_start_until_begin_then_moves_linearly_to_end():
+    ramp = Ramp(start=1.0, end=0.1, steps=50, begin=55)
+    assert [ramp.at(s) for s in (0, 55, 80, 105, 500)] == pytest.approx([1.0, 1.0, 0.55, 0.1, 0.1])
+    assert Ramp(2.0, 0.5, steps=0, begin=3).at(2) == 2.0 and Ramp(2.0, 0.5, 0, 3).at(3) == 0.5
+    with pytest.raises(ValueError, match="begin must be >= 0"):
+        Ramp(begin=-1)
 
 
 def test_regularization_weights_the_terms_by_their_ramps_and_drops_zero_weights():
