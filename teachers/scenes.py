@@ -259,16 +259,24 @@ def render_scenes(
 
 
 class OracleField:
-    """The ``renderers.field.Field`` of B oracle scenes (one per prompt), exact SDFs."""
+    """The ``renderers.field.Field`` of B oracle scenes (one per prompt), exact SDFs;
+    ``scale`` scales every scene about the origin (exact too: s * sdf(p / s))."""
 
-    def __init__(self, prompts: list[str], bound: float = 1.0):
+    def __init__(self, prompts: list[str], bound: float = 1.0, scale: float = 1.0):
+        if scale <= 0:
+            raise ValueError(f"OracleField: scale must be > 0, got {scale}")
         self.shapes = [parse_prompt(p)[1] for p in prompts]
         self.rgb = torch.stack([scene_color(p) for p in prompts])
         self.bound = bound
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
     def sdf(self, points: torch.Tensor) -> torch.Tensor:
         """points (B, N, 3) -> (B, N)."""
-        return torch.stack([shape_sdf(s)(p) for s, p in zip(self.shapes, points)])
+        s = self.scale
+        return torch.stack([shape_sdf(n)(p / s) * s for n, p in zip(self.shapes, points)])
 
     def color(self, points: torch.Tensor) -> torch.Tensor:
         """points (B, N, 3) -> (B, N, 3) constant albedo per object."""

@@ -104,6 +104,12 @@ def test_oracle_field_matches_scene_sdf():
     p = torch.rand(2, 50, 3) - 0.5
     assert torch.allclose(field.sdf(p)[1], scene_sdf("a blue cone")(p[1]))
     assert torch.allclose(field.color(p)[0], torch.tensor([0.9, 0.1, 0.1]))
+    assert len(field) == 2
+    # a sphere of radius 0.4 scaled by 1.25: radius 0.5, still a distance field
+    big = OracleField(["a red sphere"], scale=1.25)
+    assert torch.allclose(big.sdf(p[:1]), p[0].norm(dim=-1)[None] - 0.5, atol=1e-6)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        OracleField(["a red sphere"], scale=0.0)
 
 
 ROLES = [SingleViewRGB(), MultiViewRGB(), MultiViewNormalDepth(radius=0.5)]
