@@ -83,8 +83,8 @@ class TrainConfig:
     lr: float = 2e-4
     """Learning rate (reference: 2e-4, constant)."""
     lr_scale: Ramp = field(default_factory=lambda: Ramp(1.0, 1.0, 0))
-    """Multiplier of ``lr`` per optimizer step (reference: constant 1). A decay at the end
-    of a short run lowers the step-to-step noise of the weights it exports."""
+    """Multiplier of ``lr`` per optimizer step, e.g. a decay at the end of a run (reference:
+    constant 1). A function of the step alone, so a resumed run continues it exactly."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     grad_clip: float = 0.0

@@ -15,7 +15,7 @@ class Ramp:
     start: float = 1.0
     """Value at step 0."""
     end: float = 1.0
-    """Value from step ``steps`` on."""
+    """Value from step ``begin + steps`` on."""
     steps: int = 0
     """Length of the linear ramp in optimizer steps."""
     begin: int = 0
