@@ -162,7 +162,8 @@ def test_preset_values_reach_the_config(monkeypatch):
     assert (tiny.student.arch, tiny.student.lora_rank, tiny.field.channels) == ("tiny", 4, 8)
     assert tiny.sample.grid == 64 and tiny.train.lr == 2e-4  # untouched default
     oracle = load([REPO / "configs/oracle.yaml"])  # extends tiny.yaml
-    assert oracle.student.arch == "tiny" and oracle.train.steps == 105
+    assert oracle.student.arch == "tiny" and oracle.train.steps == 200
+    assert oracle.cameras.fov_y == 50.0 and oracle.mesh.grad_scale == 0.03
     sd21 = load([REPO / "configs/sd21.yaml"])
     assert (sd21.student.arch, sd21.student.lora_rank, sd21.sample.grid) == ("sd21", 16, 160)
 
