@@ -19,10 +19,11 @@ pairs, a flatter one by vertical pairs. A steep edge then meets exactly one hori
 per pixel row it spans, and the pairs' crossings ``x(row)`` sample the edge at row
 centres: the front triangle's coverage of each row is ``x(row)`` to pixel accuracy, so the
 summed coverage is the midpoint rule of the area integral, exact for a straight edge
-crossing whole rows. Sampling an edge with both directions would count it twice: moving
-the edge by ``d`` along its normal moves its row crossings by ``d / |cos a|`` over
-``|cos a|`` rows per unit length, and its column crossings likewise, so each direction
-alone gives the area's derivative and both give twice it (the 2.0x of slanted edges).
+crossing whole rows. Sampling an edge with both directions would count it twice: for an
+edge at angle ``a`` from the vertical, moving it by ``d`` along its normal moves each row
+crossing by ``d / cos a``, and a unit length of edge spans ``cos a`` rows, so the rows
+alone give ``d`` per unit length, the area's derivative; the columns (``d / sin a`` over
+``sin a`` columns) give it again (the 2.0x once measured on slanted edges).
 An edge at exactly 45 degrees goes to horizontal pairs (nvdiffrast's kernel accepts it in
 both directions; a measure-zero difference that would double its gradient).
 
