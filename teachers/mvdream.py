@@ -167,17 +167,19 @@ class MultiViewDenoiser(torch.nn.Module):
         return eps.to(x_t.dtype)
 
 
-def load_unet(pretrained: str | Path, released: dict) -> mv.MultiViewUNet:
-    """The UNet from an original checkpoint file or a ``prd convert`` folder (its unet/)."""
+def load_unet(pretrained: str | Path, ldm_kwargs: dict, dtype=torch.float32) -> mv.MultiViewUNet:
+    """The frozen UNet in ``dtype`` from an original checkpoint file (built with
+    ``ldm_kwargs``) or a ``prd convert`` folder (its unet/)."""
     path = Path(pretrained)
     if path.is_dir():
         sub = path / "unet" if (path / "unet" / "config.json").is_file() else path
         if not (sub / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no unet/config.json (not a `prd convert` folder)")
-        return mv.MultiViewUNet.from_pretrained(sub).requires_grad_(False).eval()
+        unet = mv.MultiViewUNet.from_pretrained(sub, torch_dtype=dtype)
+        return unet.requires_grad_(False).eval()
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
-    return mv.load_original(path, released)
+    return mv.load_original(path, ldm_kwargs).to(dtype)
 
 
 def load_text_encoder(folder: str | Path, dtype: torch.dtype, device=None):
@@ -195,16 +197,21 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype, device=None):
 
 
 def load_denoiser(
-    pretrained: str | Path, text_encoder: str | Path, dtype=torch.float32, device=None
+    pretrained: str | Path,
+    text_encoder: str | Path,
+    dtype=torch.float32,
+    device=None,
+    ldm_kwargs: dict | None = None,
 ) -> MultiViewDenoiser:
     """MVDream as a frozen Denoiser on ``device`` in ``dtype``: pretrained is the original
     sd-v2.1-base-4view.pt or its ``prd convert`` folder; text_encoder a diffusers SD 2.1
-    folder (the OpenCLIP ViT-H encoder MVDream was trained with). Inputs are SD latents
+    folder (the OpenCLIP ViT-H encoder MVDream was trained with); ldm_kwargs: the UNet
+    arguments of an original file that is not the released model. Inputs are SD latents
     (scaling factor ``VAE_SCALING_FACTOR``) of 256 px renders."""
     for p in (pretrained, text_encoder):
         if not Path(p).exists():
             raise FileNotFoundError(f"MVDream: {p} does not exist")
-    unet = load_unet(pretrained, RELEASED).to(device=device, dtype=dtype)
+    unet = load_unet(pretrained, ldm_kwargs or RELEASED, dtype).to(device)
     encoder, tokenizer = load_text_encoder(text_encoder, dtype, device)
     return MultiViewDenoiser(unet, encoder, tokenizer, camera_condition)
 

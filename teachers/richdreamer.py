@@ -102,14 +102,19 @@ def camera_condition(cameras: Cameras) -> Tensor:
 
 
 def load_denoiser(
-    pretrained: str | Path, text_encoder: str | Path, dtype=torch.float32, device=None
+    pretrained: str | Path,
+    text_encoder: str | Path,
+    dtype=torch.float32,
+    device=None,
+    ldm_kwargs: dict | None = None,
 ) -> MultiViewDenoiser:
     """ND-MV as a frozen Denoiser on ``device`` in ``dtype``: pretrained is nd_mv_ema.ckpt
     or its ``prd convert`` folder; text_encoder an SD-1.5-style folder (text_encoder/ and
-    tokenizer/ of CLIP ViT-L/14). Inputs: (B, 4, 32, 32) in [-1, 1] (module docstring)."""
+    tokenizer/ of CLIP ViT-L/14); ldm_kwargs: the UNet arguments of an original file that
+    is not the released model. Inputs: (B, 4, 32, 32) in [-1, 1] (module docstring)."""
     for p in (pretrained, text_encoder):
         if not Path(p).exists():
             raise FileNotFoundError(f"RichDreamer ND-MV: {p} does not exist")
-    unet = load_unet(pretrained, RELEASED).to(device=device, dtype=dtype)
+    unet = load_unet(pretrained, ldm_kwargs or RELEASED, dtype).to(device)
     encoder, tokenizer = load_text_encoder(text_encoder, dtype, device)
     return MultiViewDenoiser(unet, encoder, tokenizer, camera_condition, NUM_FRAMES)
