@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from test_multiview_unet import TINY_MV, TINY_ND, fill, original_layout, tiny
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from prd import cli
@@ -13,7 +14,6 @@ from prompts.tokenizer import build_clip_tokenizer
 from renderers.cameras import orbit_cameras
 from teachers import multiview_unet as mv
 from teachers import mvdream, richdreamer
-from tests.test_multiview_unet import TINY_MV, TINY_ND, fill, original_layout, tiny
 
 TINY_VAE = dict(
     block_out_channels=[32, 64],
