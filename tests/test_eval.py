@@ -388,3 +388,95 @@ def test_prompt_file_errors_name_the_file(tmp_path, capsys):
     assert status == 2 and str(twice) in err and "'a red box' is listed twice" in err
     status, _, err = run_eval(capsys, "--prompts", tmp_path / "none.txt", *args)
     assert status == 2 and f"--prompts {tmp_path / 'none.txt'}: no such file" in err
+
+
+# ---- during training --------------------------------------------------------------------
+
+EVAL_PROMPTS = ["a red cube", "a blue torus"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, clip_tokenizer):
+    """A 2-step tiny run scoring two oracle prompts at every step."""
+    from test_train import tiny_cfg
+
+    import prd.train as train_mod
+
+    root = tmp_path_factory.mktemp("evaluated_run")
+    clip = write_clip(root / "clip", clip_tokenizer, seed=3)
+    cfg = tiny_cfg(
+        "train.steps=2",
+        "train.eval_every=1",
+        f"train.eval_clip={clip}",
+        "train.eval_prompts=[" + ",".join(f"'{p}'" for p in EVAL_PROMPTS) + "]",
+        "sample.grid=24",
+    )
+    train_mod.train(cfg, root / "run")
+    return root / "run", clip
+
+
+def test_training_logs_the_scores_every_eval_step(evaluated_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from prd import checkpoint
+
+    run_dir, _ = evaluated_run
+    records = checkpoint.read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        ev = r["eval"]
+        assert list(ev["prompts"]) == EVAL_PROMPTS and ev["n_scored"] == 2
+        assert 0 <= ev["clip_score"] <= 250 and 0 <= ev["r_at_1"] <= 1
+        assert ev["r_at_1"] * 8 == round(ev["r_at_1"] * 8)  # a share of 8 views
+        for row in ev["prompts"].values():
+            assert {"clip_score", "r_at_1", "chamfer", "color_error", "silhouette_iou"} <= set(row)
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
+    for key in ("clip_score", "r_at_1", "chamfer"):
+        events = acc.Scalars(f"eval/{key}")
+        assert [e.step for e in events] == [1, 2]
+        assert [e.value for e in events] == pytest.approx([r["eval"][key] for r in records])
+    assert "eval_views/a-red-cube" in acc.Tags()["images"]
+
+
+def test_prd_eval_of_the_run_repeats_its_last_training_scores(evaluated_run, capsys, tmp_path):
+    """``prd eval --ckpt`` samples the exported step-2 weights, writes GLBs and scores
+    them: the same numbers the run logged at step 2 (same seed, same views)."""
+    from prd import checkpoint
+
+    run_dir, clip = evaluated_run
+    out = tmp_path / "out"
+    pfile = prompt_file(tmp_path / "p.txt", EVAL_PROMPTS)
+    status, _, err = run_eval(
+        capsys, "--ckpt", run_dir, "--prompts", pfile, "--clip", clip, "--out", out
+    )
+    assert status == 0, err
+    assert sorted(p.name for p in (out / "meshes").iterdir()) == [
+        "a-blue-torus.glb",
+        "a-red-cube.glb",
+    ]
+    doc = json.loads((out / "scores.json").read_text())
+    logged = checkpoint.read_metrics(run_dir)[-1]["eval"]
+    for prompt in EVAL_PROMPTS:
+        got, want = doc["prompts"][prompt], logged["prompts"][prompt]
+        for key in ("clip_score", "r_at_1", "chamfer", "color_error", "silhouette_iou"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), (prompt, key)
+    assert doc["source"]["ckpt"] == str(run_dir)
+
+
+def test_eval_config_errors_name_the_key(tmp_path):
+    from test_train import tiny_cfg
+
+    import prd.train as train_mod
+
+    with pytest.raises(ValueError, match="train.eval_every >= 1 needs train.eval_prompts"):
+        tiny_cfg("train.eval_every=1", "train.eval_prompts=['a red cube']")
+    with pytest.raises(ValueError, match="train.eval_prompts must be distinct"):
+        tiny_cfg("train.eval_prompts=['a red cube','a red cube']")
+    cfg = tiny_cfg(
+        "train.eval_every=1",
+        "train.eval_prompts=['a red cube']",
+        f"train.eval_clip={tmp_path / 'no_clip'}",
+    )
+    with pytest.raises(FileNotFoundError, match=f"train.eval_clip {tmp_path / 'no_clip'}: no such"):
+        train_mod.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # failed before the run started
