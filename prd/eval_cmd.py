@@ -54,16 +54,16 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def sample_meshes(
-    args, prompts: list[str], names: list[str], folder: Path, device
+    cfg, weights: Path, seed: int, prompts: list[str], names: list[str], folder: Path, device
 ) -> list[Mesh | Exception]:
-    """Sample each prompt with the run's student, write ``folder/<name>.glb`` and load it
-    back (an empty surface or a failed export stands in for that prompt's mesh)."""
+    """Sample each prompt with the run's student (config and weights from
+    ``prd.sample.resolve_config``), write ``folder/<name>.glb`` and load it back (an empty
+    surface or an unreadable file stands in for that prompt's mesh)."""
     from prd.export import export_mesh
     from prd.model import build_model
-    from prd.sample import EmptySurface, generate, resolve_config
+    from prd.sample import EmptySurface, generate
     from prd.weights import load_weights
 
-    cfg, weights = resolve_config(Namespace(ckpt=args.ckpt, config=[], overrides=args.overrides))
     # train.seed rebuilds the in-code base weights of a tiny run exactly (as prd sample)
     model = build_model(cfg, device=device, seed=cfg.train.seed).eval()
     load_weights(model, weights)
@@ -71,7 +71,7 @@ def sample_meshes(
     meshes: list[Mesh | Exception] = []
     for prompt, name in zip(prompts, names):
         try:
-            s = generate(model, prompt, cfg.sample, args.seed)
+            s = generate(model, prompt, cfg.sample, seed)
             path = export_mesh(s.verts, s.faces, s.colors, folder / f"{name}.glb")
             meshes.append(load_mesh(path))
         except (EmptySurface, MeshLoadError) as exc:
@@ -80,7 +80,7 @@ def sample_meshes(
 
 
 def run(args) -> int:
-    from prd.sample import file_names, resolve_device
+    from prd.sample import file_names, resolve_config, resolve_device
 
     prompts = read_prompts(args.prompts)
     names = file_names(prompts)
@@ -89,12 +89,15 @@ def run(args) -> int:
             raise FileNotFoundError(f"--meshes {args.meshes}: no such folder")
         if args.overrides:
             raise ValueError(f"config overrides {args.overrides} apply to --ckpt only")
+    else:
+        run_cfg = Namespace(ckpt=args.ckpt, config=[], overrides=args.overrides)
+        cfg, weights = resolve_config(run_cfg)  # a bad --ckpt fails before CLIP loads
     device = resolve_device(args.device)
     embedder = ClipEmbedder(args.clip, device)  # a bad folder fails before any sampling
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.ckpt is not None:
-        meshes = sample_meshes(args, prompts, names, out / "meshes", device)
+        meshes = sample_meshes(cfg, weights, args.seed, prompts, names, out / "meshes", device)
         source = {"ckpt": str(args.ckpt), "meshes": str(out / "meshes"), "seed": args.seed}
     else:
         meshes = []
@@ -107,8 +110,7 @@ def run(args) -> int:
     protocol = ViewProtocol()
     ev = evaluate_meshes(prompts, names, meshes, embedder, protocol, device)
     write_report(out, ev, protocol, clip=str(args.clip), source=source)
-    summary = {k: v for k, v in ev.mean.items()}
-    print(f"{out}: {json.dumps(summary)}")
+    print(f"{out}: {json.dumps(ev.mean)}")
     for prompt, error in ev.failed.items():
         print(f"prd eval: {prompt!r} not scored: {error}", file=sys.stderr)
     return 2 if ev.failed else 0

@@ -480,3 +480,21 @@ def test_eval_config_errors_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"train.eval_clip {tmp_path / 'no_clip'}: no such"):
         train_mod.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # failed before the run started
+
+
+def test_ckpt_without_weights_names_the_expected_file(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    pfile = prompt_file(tmp_path / "p.txt", ["a red box"])
+    status, _, err = run_eval(
+        capsys, "--ckpt", tmp_path / "run", "--prompts", pfile, "--clip", tmp_path / "clip",
+        "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert status == 2 and str(tmp_path / "run" / "export" / "latest.safetensors") in err
+
+
+def test_no_mesh_loads_gives_null_means_and_every_error(tmp_path, clip_tokenizer):
+    embedder = ClipEmbedder(write_clip(tmp_path / "clip", clip_tokenizer))
+    errors = [ValueError("first.glb: broken"), ValueError("second.glb: missing")]
+    ev = evaluate_meshes(["a", "b"], ["a", "b"], errors, embedder, ViewProtocol())
+    assert ev.failed == {"a": "first.glb: broken", "b": "second.glb: missing"}
+    assert ev.mean == {"clip_score": None, "r_at_1": None, "n_prompts": 2, "n_scored": 0}
