@@ -122,8 +122,19 @@ class TrainConfig:
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
     deepspeed_json: str | None = None
     """Extra DeepSpeed settings (JSON file) merged over the generated ones, e.g. offload."""
+    # validation under ``prd eval``'s protocol (prd.evaluate.TrainingEval)
+    eval_every: int = 0
+    """Sample and score eval_prompts every N steps (CLIP score, R@1; 0 disables)."""
+    eval_prompts: list[str] = field(default_factory=list)
+    """Validation prompts, distinct; oracle prompts also get Chamfer, colour error, IoU."""
+    eval_clip: str | None = None
+    """Local transformers CLIPModel folder for eval_every (the paper's: ViT-B/32)."""
 
     def __post_init__(self):
+        if self.eval_every < 0 or (self.eval_every and not (self.eval_prompts and self.eval_clip)):
+            raise ValueError("train.eval_every >= 1 needs train.eval_prompts and train.eval_clip")
+        if len(set(self.eval_prompts)) != len(self.eval_prompts):
+            raise ValueError(f"train.eval_prompts must be distinct, got {self.eval_prompts}")
         for name in ("steps", "batch_size", "grad_accum", "progressive_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -12,13 +12,14 @@ One optimizer step, for each micro-batch of prompts:
         (K x grad_accum), which is the paper's 1/K; x0 is detached for step k + 1
   3. one optimizer step (DeepSpeed at the accumulation boundary), at the step's learning
      rate train.lr x train.lr_scale (set before the step's first backward)
-then logging and checkpoints. Nothing else runs per step.
+then logging, evaluation (train.eval_every) and checkpoints. Nothing else runs per step.
 
 Besides TensorBoard (``RUN/tb``), rank 0 appends one JSON object a line per step to
 ``RUN/metrics.jsonl``: ``{"step", "loss", "losses", "grad_norm", "lr", "seconds",
 "nonfinite_total"}``; a non-finite value is written as ``NaN`` / ``Infinity`` (Python's
 ``json`` reads them). A resumed run first drops the lines past its checkpoint's step, so
-the file always holds one line per step of the run's history.
+the file always holds one line per step of the run's history. Every train.eval_every
+steps the line also holds ``"eval"``: the scores of ``prd.evaluate.TrainingEval``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from prd import checkpoint, distributed
 from prd.branches import mesh_branch, volume_branch
 from prd.config import Config, TrainConfig, load
 from prd.configio import load_config_text, to_dict, to_yaml
+from prd.evaluate import TrainingEval
 from prd.logs import RunLogger
 from prd.model import PRDModel, build_model
 from prd.progressive import add_noise, progressive_timesteps
@@ -150,6 +152,7 @@ def check_resumable(saved_yaml: str, cfg: Config, run_dir: Path) -> None:
     """A resumed run must be the same run: only train.steps and logging may change."""
     saved = load_config_text(Config, saved_yaml)
     free = ("steps", "log_every", "image_every", "ckpt_every", "keep_ckpts")
+    free += ("eval_every", "eval_prompts", "eval_clip")  # evaluation leaves training alone
     for name in free:
         setattr(saved.train, name, getattr(cfg.train, name))
     old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
@@ -187,6 +190,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     run_dir = Path(run_dir)
     cfg.prompts.resolve()
     check_run_dir(cfg, run_dir, resume)
+    evaluator = TrainingEval.from_config(cfg.train)  # None unless train.eval_every
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     info = distributed.setup(cfg.train.device)
@@ -326,7 +330,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         }
         logger.log_step(step + 1, losses, **scalars)
         if info.is_main:
-            checkpoint.append_metrics(run_dir, {**last, "losses": losses, **scalars})
+            evals = evaluator(step + 1, model, cfg.sample, logger.writer) if evaluator else {}
+            checkpoint.append_metrics(run_dir, {**last, "losses": losses, **scalars, **evals})
         if t_cfg.image_every and (step + 1) % t_cfg.image_every == 0:
             logger.log_images(step + 1, images)
         if nonfinite_in_row >= t_cfg.max_nonfinite_in_row:
