@@ -1,4 +1,4 @@
-"""Dual rendering (DESIGN "Dual rendering"): the volume and mesh branches of one progressive
+"""Dual rendering (docs/rendering.md): the volume and mesh branches of one progressive
 step, each turned into the ``teachers.base.Views`` that the teachers score.
 
 Volume branch: NeuS in patch mode; the coarse global grid is upsampled to the full ray
@@ -7,7 +7,7 @@ which the patch carries sharp gradients). Its colour gradient is scaled by a dec
 factor; its per-sample SDF gradients feed the eikonal loss, its opacity the sparsity loss.
 
 Mesh branch: marching cubes on the deformable grid, rasterized RGB / mask / depth /
-normals; SDF gradients arriving through it are scaled (DESIGN: 0.001).
+normals; SDF gradients arriving through it are scaled (docs/reference.md, "Mesh branch": 0.001).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
     """Marching cubes (grid^3, differentiable vertices) + rasterized views -> Views.
 
     SDF and deformation gradients arriving through the vertices are scaled by
-    cfg.grad_scale (DESIGN: 0.001); the texture field's gradient is not. An object whose
+    cfg.grad_scale (docs/reference.md: 0.001); the texture field's gradient is not. An object whose
     SDF has no zero crossing renders as background (empty mesh)."""
     n_obj = len(field)
     with torch.no_grad():

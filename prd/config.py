@@ -1,5 +1,5 @@
 """The typed config of a PRD run: every section's defaults are the reference's numbers
-(DESIGN "Facts"); presets in configs/ are thin YAML overlays on top.
+(docs/reference.md); presets in configs/ are thin YAML overlays on top.
 
     cfg = load(["configs/oracle.yaml"], ["train.steps=10"])
 """
@@ -94,7 +94,7 @@ class TrainConfig:
     after a NaN/Inf loss or gradient (so not 0); ZeRO-3 releases the field MLP's weights
     before the volume renderer's double backward (normals, eikonal) runs, so not 3."""
     precision: str = "fp32"
-    """"fp32" or "bf16" (GPU); CPUs here lack fast bf16 (DESIGN, "Traps")."""
+    """"fp32" or "bf16" (GPU); CPUs here lack fast bf16 (docs/distributed.md, "CPU notes")."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu" or "cuda"."""
     seed: int = 0

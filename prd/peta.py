@@ -12,7 +12,7 @@ Parts (each switchable, all of rank ``rank``; base weights stay frozen):
 
 Why the plane LoRA is our own module and not peft: peft's per-sample ``adapter_names=``
 refuses training mode, and switching adapters with ``set_adapter`` in a loop over planes
-turns off requires_grad of the other adapters (DESIGN, "Traps"). ``PlaneLoRALinear`` holds
+turns off requires_grad of the other adapters (docs/architecture.md). ``PlaneLoRALinear`` holds
 all planes' factors in two tensors and routes by the sample's position in the batch, so one
 batched forward trains all planes with no mutable routing state (safe under gradient
 checkpointing and DeepSpeed). The shared adapters use peft's LoRA layers unchanged.

@@ -13,7 +13,7 @@ i.e. ``grid_sample`` coordinates (p_a, p_b) / bound with align_corners=True, as
 
 The VAE decoder's conv_out is replaced by a new conv of block_out_channels[0] -> 2C
 channels (128 -> 64 for SD 2.1, PyTorch's default Kaiming-uniform init); geometry planes
-keep channels [0:C] and texture planes [C:2C] (DESIGN, "Student").
+keep channels [0:C] and texture planes [C:2C] (docs/reference.md, "Student").
 """
 
 from __future__ import annotations

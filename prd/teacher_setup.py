@@ -1,4 +1,4 @@
-"""Which teachers a run uses, and building them (DESIGN "Teachers").
+"""Which teachers a run uses, and building them (docs/teachers.md).
 
 Three roles, each on both render branches: SD 2.1 (one RGB view; the volume branch shows
 it the opposite view, as the reference), MVDream (4 RGB views + cameras) and RichDreamer

@@ -9,7 +9,7 @@ aligned), so the planes cover [-bound, bound]^3.
 Feature aggregation follows the reference: geometry features are summed over the three
 planes (C channels), texture features are concatenated (3C channels). The MLPs have two
 hidden layers of 64 and no bias; the SDF is the MLP output plus a sphere of radius 0.5
-(DESIGN, "Field decoder"), so a freshly initialized student already renders a closed
+(docs/reference.md, "Field decoder"), so a freshly initialized student already renders a closed
 surface.
 """
 

@@ -1,4 +1,4 @@
-"""Differentiable marching cubes on a deformable grid (DESIGN: "Dual rendering", "Decisions").
+"""Differentiable marching cubes on a deformable grid (docs/rendering.md, "Marching cubes").
 
 The surface's topology comes from a library marching cubes (scikit-image: 2.5x faster
 than PyMCubes here, ``bench/isosurface.py``) run on a detached SDF grid. Each output vertex

@@ -1,4 +1,4 @@
-"""Mesh renders of the training loop's second branch (DESIGN, "Dual rendering": the mesh
+"""Mesh renders of the training loop's second branch (docs/rendering.md, "Mesh branch": the mesh
 extracted from the SDF is rasterized to RGB, mask, normalized depth and camera-space
 normals, which the teachers score beside the volume renders)."""
 

@@ -6,7 +6,8 @@ logistic CDF Phi_s(x) = sigmoid(s x) (paper eq. 13):
 
     alpha_i = max((Phi_s(f(x(t_i))) - Phi_s(f(x(t_{i+1})))) / Phi_s(f(x(t_i))), 0)
 
-Here s is fixed (DESIGN: inverse standard deviation about 100). The renderer evaluates the
+Here s is fixed (docs/reference.md: inverse standard deviation about 100).
+The renderer evaluates the
 field once per section [t_i, t_{i+1}], at its midpoint m_i, and estimates the SDF at both
 section ends from the first-order expansion f(m_i) -+ c_i delta_i / 2, with c_i the
 directional derivative <grad f(m_i), d> clamped to <= 0 (only entering the surface makes
@@ -18,7 +19,7 @@ Everything is done in log space: log(1 - alpha_i) = min(log Phi_s(f_next) - log 
 0) and the transmittance is exp of its exclusive cumulative sum, which stays finite
 and differentiable deep inside or far outside the surface (no 0/0 guard epsilon).
 
-Samples per ray (DESIGN): ``n_uniform`` stratified samples on the ray's interval, then
+Samples per ray (docs/reference.md): ``n_uniform`` stratified samples on the ray's interval, then
 ``n_importance`` samples drawn (without gradient) by inverse-CDF sampling of the weights
 that a coarse pass gives from the SDF at the uniform samples; all samples are then merged,
 sorted and rendered with gradient.
@@ -39,7 +40,7 @@ from renderers.field import Field, sdf_and_normal
 
 @dataclass(frozen=True)
 class VolumeConfig:
-    """NeuS renderer settings; defaults are the reference's (DESIGN "Dual rendering")."""
+    """NeuS renderer settings; defaults are the reference's (docs/reference.md, "Volume branch")."""
 
     n_uniform: int = 128
     """Stratified samples per ray over its interval (also the coarse pass)."""

@@ -117,7 +117,8 @@ def sd_guidance() -> GuidanceConfig:
 
 
 def mvdream_guidance() -> GuidanceConfig:
-    """MVDream in the reference: ASD, CFG 20 -> 10 over 20k steps (DESIGN), 4x32x32 latents."""
+    """MVDream in the reference: ASD, CFG 20 -> 10 over 20k steps (docs/reference.md),
+    4x32x32 latents."""
     return GuidanceConfig(
         loss="asd", guidance_scale=20.0, guidance_scale_end=10.0, reference_numel=4 * 32 * 32
     )

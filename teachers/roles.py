@@ -101,7 +101,7 @@ class MultiViewRGB:
 
 @dataclass(frozen=True)
 class MultiViewNormalDepth:
-    """RichDreamer ND-MV's role: 4 channels per view (DESIGN, RichDreamer).
+    """RichDreamer ND-MV's role: 4 channels per view (docs/teachers.md, "RichDreamer ND-MV").
 
     Channels 0-2: the camera-frame normal with x flipped, (-n_x, n_y, n_z), over the
     background (0, 0, 1). Channel 3: depth normalized as (far - d) / (far - near) with

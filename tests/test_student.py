@@ -132,7 +132,7 @@ def test_meta_build_counts_sd21_without_memory():
     assert grown_mb < 200
     assert next(model.unet.parameters()).device.type == "meta"
     mods = model.peta_modules
-    assert (len(mods.unet_conv_lora), len(mods.vae_conv_lora)) == (64, 33)  # DESIGN's counts
+    assert (len(mods.unet_conv_lora), len(mods.vae_conv_lora)) == (64, 33)  # docs/reference.md
     assert (len(mods.plane_lora), len(mods.joint_attention)) == (64, 16)
     # Per-plane LoRA, analytic: 6 planes x 4 projections x rank 16 x (d + d) per block,
     # with d summed over SD 2.1's 16 transformer blocks.
@@ -140,8 +140,8 @@ def test_meta_build_counts_sd21_without_memory():
     assert counts["groups"]["plane_lora"] == 6 * 4 * 16 * 2 * sum(widths)
     # SD 2.1 UNet 865,910,724; VAE decoder 49,490,179 + post_quant_conv 20 - old conv_out 3,459
     assert counts["frozen"] == 865_910_724 + 49_486_740
-    assert abs(counts["trainable"] / 22.7e6 - 1) < 0.01  # DESIGN: about 22.7M
-    assert 0.024 < counts["ratio"] < 0.026  # DESIGN: 2.5%
+    assert abs(counts["trainable"] / 22.7e6 - 1) < 0.01  # docs/reference.md: about 22.7M
+    assert 0.024 < counts["ratio"] < 0.026  # paper: 2.5%
 
 
 def test_missing_pretrained_folder_names_path_and_files(tmp_path):
