@@ -8,8 +8,8 @@ guidance loss with its timestep and CFG schedules (``teachers.guidance``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch

@@ -136,9 +136,7 @@ class DistillationTeacher(torch.nn.Module):
         with torch.no_grad():
             if x0 is None:
                 x0 = sched.x0_from_eps(x_t, G.cfg_eps(eps_c, eps_u, scale_cfg), t)
-        return GuidanceOut(
-            loss=loss, x0=x0.detach(), timesteps=t_group, to_image=self._x0_to_image
-        )
+        return GuidanceOut(loss=loss, x0=x0.detach(), timesteps=t_group, to_image=self._x0_to_image)
 
     @torch.no_grad()
     def _x0_to_image(self, x0: Tensor) -> Tensor:

@@ -114,10 +114,12 @@ def vae_encode(
         params = checkpoint(moments, x, use_reentrant=False)
     else:
         params = moments(x)
-    mean, logvar = params.float().chunk(2, dim=1)
+    # the sample in at least fp32 (an fp16 VAE's moments are upcast)
+    mean, logvar = params.to(torch.promote_types(params.dtype, torch.float32)).chunk(2, dim=1)
     std = (0.5 * logvar.clamp(-30.0, 20.0)).exp()  # diffusers' DiagonalGaussianDistribution
     noise = torch.randn(mean.shape, generator=generator, device=generator.device)
-    latents = (mean + std * noise.to(mean.device)) * float(vae.config.scaling_factor)
+    noise = noise.to(device=mean.device, dtype=mean.dtype)
+    latents = (mean + std * noise) * float(vae.config.scaling_factor)
     return latents.to(image.dtype)
 
 
@@ -275,7 +277,7 @@ def load_pretrained(
 ) -> SDDenoiser:
     """The frozen SD teacher of a local diffusers-format folder, weights in ``dtype``, on
     the CPU (move it with ``.to(device)``)."""
-    tokenizer, text, unet, vae, scheduler = load_parts(folder, dtype)
+    tokenizer, text, unet, vae, scheduler = load_parts(folder, dtype, "SD teacher")
     return SDDenoiser(
         tokenizer,
         text,
