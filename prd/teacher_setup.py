@@ -230,27 +230,43 @@ def build_teachers(
         spec: TeacherSpec = getattr(cfg, role)
         if not spec.enabled:
             continue
-        latent = {}
         if spec.source == "oracle":
             schedule = NoiseSchedule()
             role_0 = _role(role, spec, "mesh", views_per_object)  # packing: same on both
             denoiser = OracleDenoiser(role_0, schedule, background, spec.supersample).to(device)
+            teachers.append(role_teachers(role, spec, denoiser, schedule, views_per_object))
         else:  # check_teachers refused the roles without a loader
             denoiser = sd_denoiser(spec, device, student)
-            schedule = denoiser.schedule
-            latent = dict(encode=denoiser.encode_images, decode=denoiser.decode_latents)
-        branches = {
-            b: DistillationTeacher(
-                name=f"{spec.source}_{role}_{b}",
-                role=_role(role, spec, b, views_per_object),
-                denoiser=denoiser,
-                guidance=spec.guidance,
-                resolution=spec.resolution,
-                schedule=schedule,
-                negative_prompt=negative_prompt(role, spec),
-                **latent,
+            latent = (denoiser.encode_images, denoiser.decode_latents)
+            teachers.append(
+                role_teachers(role, spec, denoiser, denoiser.schedule, views_per_object, *latent)
             )
-            for b in BRANCHES
-        }
-        teachers.append(RoleTeachers(role, branches, denoiser))
     return teachers
+
+
+def role_teachers(
+    role: str,
+    spec: TeacherSpec,
+    denoiser: torch.nn.Module,
+    schedule: NoiseSchedule,
+    views_per_object: int,
+    encode=None,
+    decode=None,
+) -> RoleTeachers:
+    """One role's DistillationTeacher per render branch around one shared ``denoiser``
+    (encode / decode: a latent teacher's image <-> latent maps)."""
+    branches = {
+        b: DistillationTeacher(
+            name=f"{spec.source}_{role}_{b}",
+            role=_role(role, spec, b, views_per_object),
+            denoiser=denoiser,
+            guidance=spec.guidance,
+            resolution=spec.resolution,
+            schedule=schedule,
+            encode=encode,
+            decode=decode,
+            negative_prompt=negative_prompt(role, spec),
+        )
+        for b in BRANCHES
+    }
+    return RoleTeachers(role, branches, denoiser)

@@ -165,9 +165,7 @@ def _student(folder, seed: int, randomize_trainable):
     return randomize_trainable(build_student(cfg), seed, scale=0.05)
 
 
-def test_the_teacher_on_the_students_folder_shares_its_weights(
-    tiny_sd_folder, randomize_trainable
-):
+def test_the_teacher_on_the_students_folder_shares_its_weights(tiny_sd_folder, randomize_trainable):
     student = _student(tiny_sd_folder, 1, randomize_trainable)
     base = StudentBase(
         folder=str(tiny_sd_folder),
