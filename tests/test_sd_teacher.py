@@ -241,3 +241,34 @@ def test_a_missing_subfolder_or_folder_is_named_before_loading(tmp_path, tiny_sd
         check_teachers(cfg)
     with pytest.raises(ValueError, match="negative_prompt must be ''"):
         TeacherSpec(source="oracle", negative_prompt="ugly")
+
+
+def test_prompts_are_encoded_once_and_a_bf16_teacher_returns_an_fp32_loss(tiny_sd_folder):
+    tok, text, unet = _direct(tiny_sd_folder)
+    vae = AutoencoderKL.from_pretrained(tiny_sd_folder, subfolder="vae")
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd_folder, subfolder="scheduler")
+    seen = []
+
+    def text_fn(prompts):
+        seen.append(list(prompts))
+        return _states(tok, text, prompts)
+
+    den = sd.SDDenoiser(tok, text, unet, vae, scheduler, text_fn=text_fn)
+    den.encode_text(["a", "b", "a"])
+    den.encode_text(["b", "", "a"])
+    assert seen == [["a", "b"], [""]]
+
+    losses = []
+    for dtype in (torch.float32, torch.bfloat16):
+        den = sd.load_pretrained(tiny_sd_folder, dtype=dtype)
+        assert den.models()[0].dtype == dtype and den.vae.dtype == dtype
+        teacher = DistillationTeacher(
+            "sd", SingleViewRGB(), den, G.sd_guidance(), 16, den.schedule,
+            den.encode_images, den.decode_latents,
+        )  # fmt: skip
+        views = _views(1, grad=True)
+        out = teacher(views, ["a red cube"], 0, torch.Generator().manual_seed(5))
+        out.loss.backward()
+        assert out.loss.dtype == torch.float32 and views.rgb.grad.dtype == torch.float32
+        losses.append(out.loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.1)
