@@ -109,7 +109,8 @@ class TrainConfig:
     volume_color_grad: Ramp = field(default_factory=lambda: Ramp(1.0, 0.01, 20000))
     """Scale of the colour gradient through the volume branch (reference: 1 -> 0.01)."""
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    """Background colour behind renders (the teachers see the same)."""
+    """RGB in [0, 1] behind both branches' renders (volume and mesh); the oracle teachers
+    composite their ground truth over the same."""
     log_every: int = 10
     """Scalars to TensorBoard every N steps."""
     image_every: int = 200
@@ -150,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.ckpt_every < 1 or self.keep_ckpts < 1 or self.max_nonfinite_in_row < 1:
             raise ValueError("train.ckpt_every, keep_ckpts and max_nonfinite_in_row must be >= 1")
+        if not all(0.0 <= c <= 1.0 for c in self.background):
+            raise ValueError(f"train.background must be 3 values in [0, 1], got {self.background}")
         if self.deepspeed_json is not None and not Path(self.deepspeed_json).is_file():
             raise ValueError(f"train.deepspeed_json {self.deepspeed_json!r} is not a file")
 

@@ -39,7 +39,8 @@ from prd.evaluate import TrainingEval
 from prd.logs import RunLogger
 from prd.model import PRDModel, build_model
 from prd.progressive import add_noise, progressive_timesteps
-from prd.teacher_setup import build_teachers
+from prd.student import check_base
+from prd.teacher_setup import StudentBase, build_teachers, check_teachers
 from prd.weights import save_weights
 from prompts.embed_cache import EmbeddingCache
 from prompts.stream import PromptStream
@@ -184,12 +185,34 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
     check_resumable(cfg_file.read_text(), cfg, run_dir)
 
 
+def encode_text(model: PRDModel, cache: EmbeddingCache | None, prompts, device) -> torch.Tensor:
+    """(B, 77, C) embeddings of the student's frozen text encoder, through the cache if any."""
+    if cache is None:
+        return model.student.encode_text(prompts)
+    return cache.get_or_compute(prompts, model.student.encode_text).to(device)
+
+
+def student_base(model: PRDModel, cfg: Config, cache, device) -> StudentBase:
+    """What an SD teacher on the student's base folder borrows: the student's UNet run as
+    its base (adapters off) and its prompt encoding (through the embedding cache)."""
+    student = model.student
+    return StudentBase(
+        folder=cfg.student.pretrained,
+        unet=student.unet,
+        text_encoder=student.text_encoder,
+        unet_context=student.base_unet,
+        text_fn=lambda prompts: encode_text(model, cache, prompts, device),
+    )
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     """Run (or resume) distillation into ``run_dir``; returns a summary of the last step."""
-    # fail before any process group or model exists
+    # fail before any process group or model exists: run folder, prompts, weight folders
     run_dir = Path(run_dir)
     cfg.prompts.resolve()
     check_run_dir(cfg, run_dir, resume)
+    check_base(cfg.student)
+    check_teachers(cfg.teachers)
     evaluator = TrainingEval.from_config(cfg.train)  # None unless train.eval_every
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
@@ -205,8 +228,15 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     gen = torch.Generator().manual_seed(cfg.train.seed + 1000 * info.rank)
     # the same base weights on every rank, and the ones ``prd sample`` rebuilds
     model: PRDModel = build_model(cfg, device=info.device, seed=cfg.train.seed)
+    cache = None
+    if cfg.prompts.embed_cache is not None:
+        cache = EmbeddingCache(cfg.prompts.embed_cache, model.student.text_encoder_id())
     teachers = build_teachers(
-        cfg.teachers, cfg.train.background, cfg.cameras.n_views, device=info.device
+        cfg.teachers,
+        cfg.train.background,
+        cfg.cameras.n_views,
+        device=info.device,
+        student=student_base(model, cfg, cache, info.device),
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
@@ -216,9 +246,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         config=deepspeed_config(cfg, info.world_size),
     )
     stream = make_stream(cfg, info)
-    cache = None
-    if cfg.prompts.embed_cache is not None:
-        cache = EmbeddingCache(cfg.prompts.embed_cache, model.student.text_encoder_id())
     start, nonfinite_in_row, nonfinite_total = 0, 0, 0
     if resume:
         state = checkpoint.load_training_state(engine, run_dir, info.rank)
@@ -243,14 +270,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             group["lr"] = lr
         losses: dict[str, float] = {}
         images = {}
+        log_images = bool(t_cfg.image_every) and (step + 1) % t_cfg.image_every == 0
         step_finite = True
         for _ in range(t_cfg.grad_accum):
             # 1. prompts and their embeddings (frozen text encoder)
             prompts = stream.next_batch()
-            if cache is None:
-                text = model.student.encode_text(prompts)
-            else:
-                text = cache.get_or_compute(prompts, model.student.encode_text).to(info.device)
+            text = encode_text(model, cache, prompts, info.device)
             b, planes = len(prompts), cfg.student.planes
             size = cfg.student.resolved_latent_size()
             latent_shape = (b * planes, 4, size, size)
@@ -287,7 +312,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                         g = teacher.for_branch(branch)(out.views, prompts, step, gen)
                         loss_k = loss_k + g.loss
                         losses[f"{teacher.name}/{branch}/k{k + 1}"] = g.loss.item()
-                        images[(branch, k, teacher.name)] = (out.views, g.target)
+                        if log_images:  # a latent teacher decodes its target to show it
+                            images[(branch, k, teacher.name)] = (out.views, g.target)
                 regs = branches["volume"].regularizers
                 for name, value in regs.items():
                     losses[f"{name}/k{k + 1}"] = value.item()
@@ -332,7 +358,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         if info.is_main:
             evals = evaluator(step + 1, model, cfg.sample, logger.writer) if evaluator else {}
             checkpoint.append_metrics(run_dir, {**last, "losses": losses, **scalars, **evals})
-        if t_cfg.image_every and (step + 1) % t_cfg.image_every == 0:
+        if log_images:
             logger.log_images(step + 1, images)
         if nonfinite_in_row >= t_cfg.max_nonfinite_in_row:
             logger.close()

@@ -20,8 +20,6 @@ class MeshRenderConfig:
     """Render the extracted mesh and feed it to the teachers (off: volume branch only)."""
     resolution: int = 512
     """Square render size in pixels (the reference rasterizes at 512x512)."""
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    """RGB in [0, 1] composited behind the object."""
     grad_scale: float = 0.001
     """Factor on SDF gradients arriving through this branch (reference value 0.001)."""
     backend: str = "auto"
@@ -31,9 +29,6 @@ class MeshRenderConfig:
     def __post_init__(self):
         if self.resolution < 1:
             raise ValueError(f"mesh render resolution must be >= 1, got {self.resolution}")
-        bg = tuple(self.background)
-        if len(bg) != 3 or not all(0.0 <= c <= 1.0 for c in bg):
-            raise ValueError(f"background must be 3 values in [0, 1], got {self.background}")
         if not self.grad_scale >= 0.0:
             raise ValueError(f"grad_scale must be >= 0, got {self.grad_scale}")
         if self.backend not in ("auto", "torch", "nvdiffrast"):

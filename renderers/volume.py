@@ -37,6 +37,9 @@ import torch.nn.functional as F
 from renderers.cameras import Cameras, pixel_rays
 from renderers.field import Field, sdf_and_normal
 
+WHITE = (1.0, 1.0, 1.0)
+"""Background of a render that passes none (training passes its ``train.background``)."""
+
 
 @dataclass(frozen=True)
 class VolumeConfig:
@@ -59,8 +62,6 @@ class VolumeConfig:
     checked when rendering patches so that full-grid previews may use any resolution)."""
     global_size: int = 42
     """Side of the coarse grid covering the whole image per view in patch mode."""
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    """RGB in [0, 1] composited behind the object unless a call passes its own."""
     chunk_rays: int = 4096
     """Rays per object rendered at once; bounds memory when no graph is kept."""
     clip_to_bound: bool = True
@@ -84,8 +85,6 @@ class VolumeConfig:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         if self.global_size < 1:
             raise ValueError(f"global_size must be >= 1, got {self.global_size}")
-        if len(self.background) != 3 or not all(0.0 <= c <= 1.0 for c in self.background):
-            raise ValueError(f"background must be 3 values in [0, 1], got {self.background}")
         if not 0.0 <= self.color_min_weight < 1.0:
             raise ValueError(f"color_min_weight must lie in [0, 1), got {self.color_min_weight}")
         if self.chunk_rays < 1:
@@ -247,11 +246,14 @@ def _march(field, o, d, t_near, t_far, jitter, u_imp, background, cfg, create_gr
     )
 
 
-def _background(background, cfg: VolumeConfig, like: torch.Tensor) -> torch.Tensor:
-    """Background broadcast to like's (B, R, 3), in like's dtype and device."""
+def _background(background, like: torch.Tensor) -> torch.Tensor:
+    """Background (None: white) broadcast to like's (B, R, 3), in like's dtype and device;
+    ValueError unless its values lie in [0, 1]."""
     if background is None:
-        background = cfg.background
+        background = WHITE
     bg = torch.as_tensor(background, dtype=like.dtype, device=like.device)
+    if bg.shape[-1:] != (3,) or not bool(((bg >= 0) & (bg <= 1)).all()):
+        raise ValueError(f"background must be RGB values in [0, 1], got {background}")
     if bg.ndim == 2:  # (B, 3): one colour per object
         bg = bg[:, None, :]
     try:
@@ -274,7 +276,7 @@ def render_rays(
     """NeuS render of B objects' rays.
 
     origins, dirs: (B, R, 3) world space, dirs of unit length, in the field's dtype/device;
-    ray set b is drawn with object b. background: None (``cfg.background``), (3,), (B, 3) or
+    ray set b is drawn with object b. background: None (white), (3,), (B, 3) or
     (B, R, 3) RGB in [0, 1]. generator: jitters the uniform samples and the importance
     draws; None renders deterministically (bin midpoints, evenly spaced quantiles).
     create_graph: keep the SDF gradients (normals, eikonal, NeuS' slope) differentiable, as
@@ -287,7 +289,7 @@ def render_rays(
             f"and {tuple(dirs.shape)}"
         )
     b, r, _ = origins.shape
-    bg = _background(background, cfg, origins)
+    bg = _background(background, origins)
     t_near, t_far = ray_interval(origins, dirs, cfg, field.bound if cfg.clip_to_bound else None)
     if generator is None:
         jitter = torch.full((b, r, cfg.n_uniform), 0.5, dtype=origins.dtype, device=origins.device)
@@ -373,8 +375,8 @@ def render_views(
     """NeuS images of B objects, ``views_per_object`` views each.
 
     cameras: B * views_per_object cameras, views of one object contiguous (as
-    ``sample_cameras``), in the field's dtype/device. background: None, (3,) or (N, 3) per
-    view. generator: sample jitter and patch positions; None renders deterministically
+    ``sample_cameras``), in the field's dtype/device. background: None (white), (3,) or
+    (N, 3) per view. generator: sample jitter and patch positions; None renders deterministically
     and draws patch positions from torch's global generator. patch_offsets: (N, 2) (row,
     col) patch corners to use instead of random ones (patch mode).
     """
@@ -414,7 +416,7 @@ def render_views(
     else:
         raise ValueError(f'mode must be "full" or "patch", got {mode!r}')
 
-    bg = _background(background, cfg, o)  # per view
+    bg = _background(background, o)  # per view
     b = n // v
     out = render_rays(
         field,

@@ -130,8 +130,6 @@ def test_scale_grad_and_config_checks():
     assert MeshRenderConfig().grad_scale == 0.001
     with pytest.raises(ValueError, match="backend"):
         MeshRenderConfig(backend="opengl")
-    with pytest.raises(ValueError, match="background"):
-        MeshRenderConfig(background=(1.0, 2.0, 0.0))
 
 
 def test_turntable_writes_frames(tmp_path):
