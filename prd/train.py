@@ -121,7 +121,10 @@ def make_optimizer(cfg: Config, params):
     if t.optimizer == "adan":
         from pytorch_optimizer import Adan
 
-        return Adan(params, lr=t.lr, weight_decay=t.weight_decay)
+        # the reference's Adan: betas (0.98, 0.92, 0.99), eps 1e-15 (the library's is 1e-8)
+        return Adan(
+            params, lr=t.lr, betas=(0.98, 0.92, 0.99), eps=1e-15, weight_decay=t.weight_decay
+        )
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 

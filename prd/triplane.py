@@ -22,6 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))
+COLOR_ACTIVATIONS = ("sigmoid_mipnerf", "sigmoid")
+MIPNERF_COLOR_EPS = 0.001
+"""MipNeRF's widened sigmoid (Barron et al. 2021), the reference's colour activation."""
+
+
+def color_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Albedo from the colour MLP's output: ``sigmoid`` in (0, 1), or ``sigmoid_mipnerf``
+    in (-0.001, 1.001), which reaches black and white at finite logits."""
+    if name == "sigmoid_mipnerf":
+        return torch.sigmoid(x) * (1 + 2 * MIPNERF_COLOR_EPS) - MIPNERF_COLOR_EPS
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    raise ValueError(f"unknown colour activation {name!r}; expected one of {COLOR_ACTIVATIONS}")
 
 
 @dataclass
@@ -36,6 +49,10 @@ class FieldConfig:
     """The field covers [-bound, bound]^3 (world units)."""
     sphere_radius: float = 0.5
     """Radius of the sphere added to the SDF MLP's output."""
+    color_activation: str = "sigmoid_mipnerf"
+    """Colour MLP output -> albedo: "sigmoid_mipnerf" (the reference's, from MipNeRF:
+    sigmoid(x) (1 + 2 eps) - eps with eps = 0.001, so 0 and 1 are reached at finite x) or
+    "sigmoid" (range (0, 1))."""
 
     def __post_init__(self):
         for name in ("channels", "hidden"):
@@ -46,6 +63,11 @@ class FieldConfig:
         if not 0 < self.sphere_radius < self.bound:
             raise ValueError(
                 f"field.sphere_radius must lie in (0, bound={self.bound}), got {self.sphere_radius}"
+            )
+        if self.color_activation not in COLOR_ACTIVATIONS:
+            raise ValueError(
+                f"field.color_activation must be one of {COLOR_ACTIVATIONS}, "
+                f"got {self.color_activation!r}"
             )
 
 
@@ -212,10 +234,11 @@ class TriplaneField:
         return sdf.squeeze(-1) + self._sphere(points), grad + sphere_normal
 
     def color(self, points: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3) albedo in [0, 1] (sigmoid) at (B, N, 3) points."""
+        """(B, N, 3) albedo at (B, N, 3) points: in [0, 1] up to the activation's margin
+        (``FieldConfig.color_activation``)."""
         feats = sample_planes(self.texture, points, self.bound)  # (B,3,N,C)
         feats = feats.permute(0, 2, 1, 3).flatten(2)  # (B,N,3C): planes concatenated
-        return torch.sigmoid(self.decoder.color_mlp(feats))
+        return color_activation(self.decoder.color_mlp(feats), self.decoder.cfg.color_activation)
 
     def deformation(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) raw deformation of marching-cubes grid vertices (the isosurface

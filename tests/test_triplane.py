@@ -154,3 +154,26 @@ def test_one_sampling_for_sdf_and_deformation_matches_separate_calls_and_the_gri
     slow = evaluate_grid(SeparateCalls(), 9, n_objects=2, chunk=100)
     torch.testing.assert_close(fast[0], slow[0])
     torch.testing.assert_close(fast[1], slow[1])
+
+
+def test_colour_activations_against_their_formulas():
+    """The reference's sigmoid_mipnerf is sigmoid(x) * 1.002 - 0.001: 0.5 at 0, black and
+    white at finite logits, 0.001 past them at +-inf; plain sigmoid stays inside (0, 1)."""
+    from prd.triplane import color_activation
+
+    white = torch.logit(torch.tensor(1.001 / 1.002, dtype=torch.float64))
+    x = torch.tensor([-float("inf"), -white, 0.0, white, float("inf")], dtype=torch.float64)
+    expect = torch.tensor([-0.001, 0.0, 0.5, 1.0, 1.001], dtype=torch.float64)
+    torch.testing.assert_close(color_activation(x, "sigmoid_mipnerf"), expect)
+    torch.testing.assert_close(color_activation(x, "sigmoid"), torch.sigmoid(x))
+    with pytest.raises(ValueError, match="color_activation"):
+        FieldConfig(color_activation="relu")
+    # the field applies the configured activation to the colour MLP's output
+    torch.manual_seed(0)
+    tex = torch.randn(1, 3, 2, 4, 4)
+    pts = torch.rand(1, 5, 3) * 2 - 1
+    for name in ("sigmoid_mipnerf", "sigmoid"):
+        dec = FieldDecoder(FieldConfig(channels=2, hidden=4, color_activation=name))
+        feats = sample_planes(tex, pts, 1.0).permute(0, 2, 1, 3).flatten(2)
+        logits = dec.color_mlp(feats)
+        torch.testing.assert_close(dec.bind(tex, tex).color(pts), color_activation(logits, name))
