@@ -24,6 +24,10 @@ class MeshRenderConfig:
     """RGB in [0, 1] composited behind the object."""
     grad_scale: float = 0.001
     """Factor on SDF gradients arriving through this branch (reference value 0.001)."""
+    repair_empty: bool = True
+    """An SDF without a sign change gets the reference's repaired surface
+    (``renderers.isosurface``), so the teachers still see a mesh and their gradients reach
+    the field; off: it renders as background and the branch gives no gradient."""
     backend: str = "auto"
     """Raster backend: "auto" (nvdiffrast on CUDA when installed, else torch), "torch" or
     "nvdiffrast"."""
