@@ -67,7 +67,8 @@ def volume_branch(
     background: torch.Tensor,
     color_grad_scale: float,
 ) -> BranchOut:
-    """NeuS patch render of B objects -> Views at cfg.resolution, plus eikonal/sparsity."""
+    """NeuS patch render of B objects -> Views at cfg.resolution, plus eikonal/sparsity.
+    background: an RGB colour (3,) or a learned background (``LearnedBackground.bind``)."""
     vol = render_views(
         field, cameras, cfg, views_per_object, generator, mode="patch", background=background
     )
@@ -123,7 +124,7 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
         cameras,
         cfg.resolution,
         get_backend(cfg.backend),
-        background=tuple(float(c) for c in background),
+        background=background if callable(background) else tuple(float(c) for c in background),
     )
     cover = out.mask.clamp_min(1e-4)
     depth = out.far - out.depth / cover * (out.far - out.near)

@@ -182,6 +182,18 @@ class PRDStudent(nn.Module):
         """prompts -> (B, 77, C_text) last hidden states of the frozen text encoder."""
         return encode_prompts(self.tokenizer, self.text_encoder, prompts)
 
+    def eos_positions(self, prompts: list[str]) -> torch.Tensor:
+        """(B,) int64: where each prompt's end-of-text token sits among the 77 tokens of
+        ``encode_text`` (CLIP's pooled output is the final state there)."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=TEXT_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return (ids == self.tokenizer.eos_token_id).int().argmax(dim=1)
+
     def text_encoder_id(self) -> str:
         """Names this text encoder for an embedding cache: arch, weights folder and a
         fingerprint of the token embedding (random-init encoders differ by seed)."""

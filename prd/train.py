@@ -253,6 +253,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             b, planes = len(prompts), cfg.student.planes
             size = cfg.student.resolved_latent_size()
             latent_shape = (b * planes, 4, size, size)
+            backdrop = model.backdrop(prompts, text, background)
             x0_prev = None
             # 2. K progressive steps
             for k, t_k in enumerate(timesteps):
@@ -273,12 +274,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                         cfg.volume,
                         cfg.cameras.n_views,
                         gen,
-                        background,
+                        backdrop,
                         t_cfg.volume_color_grad.at(step),
                     )
                 }
                 if cfg.mesh.enabled:
-                    branches["mesh"] = mesh_branch(field, cams, cfg.mesh, cfg.mesh_grid, background)
+                    branches["mesh"] = mesh_branch(field, cams, cfg.mesh, cfg.mesh_grid, backdrop)
                 # 2e. teachers on every branch, regularizers on the volume branch
                 loss_k = torch.zeros((), device=info.device)
                 for branch, out in branches.items():

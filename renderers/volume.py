@@ -373,9 +373,11 @@ def render_views(
 
     cameras: B * views_per_object cameras, views of one object contiguous (as
     ``sample_cameras``), in the field's dtype/device. background: None, (3,) or (N, 3) per
-    view. generator: sample jitter and patch positions; None renders deterministically
-    and draws patch positions from torch's global generator. patch_offsets: (N, 2) (row,
-    col) patch corners to use instead of random ones (patch mode).
+    view, or a callable mapping each object's ray directions (B, R, 3) to colours
+    (B, R, 3) (a learned background). generator: sample jitter and patch positions; None
+    renders deterministically and draws patch positions from torch's global generator.
+    patch_offsets: (N, 2) (row, col) patch corners to use instead of random ones (patch
+    mode).
     """
     n, v, res = len(cameras), views_per_object, cfg.resolution
     if v < 1 or n % v:
@@ -413,8 +415,11 @@ def render_views(
     else:
         raise ValueError(f'mode must be "full" or "patch", got {mode!r}')
 
-    bg = _background(background, cfg, o)  # per view
     b = n // v
+    if callable(background):
+        bg = background(d.reshape(b, -1, 3))
+    else:
+        bg = _background(background, cfg, o)  # per view
     out = render_rays(
         field,
         o.reshape(b, -1, 3),

@@ -47,7 +47,7 @@ class RecordingModel(PRDModel):
     weight's gradient flows through the triplanes it returns (which the test records)."""
 
     def __init__(self, model: PRDModel):
-        super().__init__(model.student, model.decoder)
+        super().__init__(model.student, model.decoder, model.background)
         self.decoder.requires_grad_(False)
         self.calls: list[dict] = []
         self.taps: tuple[torch.Tensor, torch.Tensor] | None = None
