@@ -167,6 +167,7 @@ FIRST_STEP_AT_TINY_SIZE = [
     "volume.n_importance=0",
     "mesh.resolution=16",
     "mesh_grid=16",
+    "background.log2_table_size=12",
     *(f"teachers.{role}.resolution=16" for role in ("sd", "mvdream", "richdreamer")),
     "train.steps=1",
     "train.batch_size=1",
