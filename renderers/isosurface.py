@@ -312,7 +312,7 @@ def extract_surface(
     # A repaired object also queries its arg-max and arg-min points (last two columns).
     corners = [torch.unique(e.reshape(-1), return_inverse=True) for e in edges]
     n_max = max([1] + [len(c) for c, _ in corners])
-    index = torch.zeros(n_objects, n_max + 2, dtype=torch.int64, device=device)
+    index = torch.zeros(n_objects, n_max + 2 * bool(repairs), dtype=torch.int64, device=device)
     for o, (c, _) in zip(objects, corners):
         index[o, : len(c)] = c
         if o in repairs:
