@@ -67,7 +67,8 @@ def volume_branch(
     background: torch.Tensor,
     color_grad_scale: float,
 ) -> BranchOut:
-    """NeuS patch render of B objects -> Views at cfg.resolution, plus eikonal/sparsity."""
+    """NeuS patch render of B objects -> Views at cfg.resolution, plus eikonal/sparsity.
+    background: an RGB colour (3,) or a learned background (``LearnedBackground.bind``)."""
     vol = render_views(
         field, cameras, cfg, views_per_object, generator, mode="patch", background=background
     )
@@ -106,11 +107,14 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
 
     SDF and deformation gradients arriving through the vertices are scaled by
     cfg.grad_scale (docs/reference.md: 0.001); the texture field's gradient is not. An object whose
-    SDF has no zero crossing renders as background (empty mesh)."""
+    SDF has no zero crossing gets the reference's repaired surface (cfg.repair_empty) or
+    renders as background; ``empty_meshes`` counts them either way."""
     n_obj = len(field)
     with torch.no_grad():
         values = evaluate_grid(field, grid, n_objects=n_obj, deformation=False)
-    meshes = extract_surface(field, grid, n_objects=n_obj, grid=values, with_grad=True)
+    meshes = extract_surface(
+        field, grid, n_objects=n_obj, grid=values, with_grad=True, repair_empty=cfg.repair_empty
+    )
     verts = [scale_grad(m.verts, cfg.grad_scale) for m in meshes]
     faces = [m.faces for m in meshes]
     out = render_mesh(
@@ -120,7 +124,7 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
         cameras,
         cfg.resolution,
         get_backend(cfg.backend),
-        background=tuple(float(c) for c in background),
+        background=background if callable(background) else tuple(float(c) for c in background),
     )
     cover = out.mask.clamp_min(1e-4)
     depth = out.far - out.depth / cover * (out.far - out.near)
@@ -132,4 +136,6 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
         cameras=cameras,
         views_per_object=len(cameras) // n_obj,
     )
-    return BranchOut(views, {"empty_meshes": torch.tensor(float(sum(m.empty for m in meshes)))})
+    return BranchOut(
+        views, {"empty_meshes": torch.tensor(float(sum(m.empty or m.repaired for m in meshes)))}
+    )

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prd.background import BackgroundConfig
 from prd.configio import load_config
 from prd.losses import Ramp
 from prd.student import StudentConfig
@@ -109,8 +110,8 @@ class TrainConfig:
     volume_color_grad: Ramp = field(default_factory=lambda: Ramp(1.0, 0.01, 20000))
     """Scale of the colour gradient through the volume branch (reference: 1 -> 0.01)."""
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    """RGB in [0, 1] behind both branches' renders (volume and mesh); the oracle teachers
-    composite their ground truth over the same."""
+    """Constant background colour behind renders when background.learned is off; oracle
+    teachers render their truth over it."""
     log_every: int = 10
     """Scalars to TensorBoard every N steps."""
     image_every: int = 200
@@ -190,6 +191,7 @@ class Config:
     mesh: MeshRenderConfig = dataclasses.field(default_factory=MeshRenderConfig)
     mesh_grid: int = 128
     """Marching-cubes grid points per axis in training (reference: 128)."""
+    background: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
     teachers: TeachersConfig = dataclasses.field(default_factory=TeachersConfig)
     prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

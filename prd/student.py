@@ -6,10 +6,11 @@ in batch order within an object:
 
     0 geo_xy   1 geo_xz   2 geo_yz   3 tex_xy   4 tex_xz   5 tex_yz
 
-The plane named "ab" spans world axes (a, b) (world: right-handed, +z up): its width
-(last tensor dim, left to right) runs along a and its height (rows, top to bottom) along b,
-i.e. ``grid_sample`` coordinates (p_a, p_b) / bound with align_corners=True, as
-``prd.triplane.PLANE_AXES`` = ((0, 1), (0, 2), (1, 2)) samples them.
+The plane named "ab" spans world axes (a, b) (world: right-handed, +z up). Which way
+its width (last tensor dim) and rows run is ``field.plane_orientation``
+(``prd.triplane.orient_planes``): the reference's "v1" makes each plane an upright picture
+(xy: width +y, rows +x; xz: width -x, rows -z; yz: width +y, rows -z); with "fixed" the
+width runs along +a and the rows along +b, as ``prd.triplane.PLANE_AXES`` samples them.
 
 The VAE decoder's conv_out is replaced by a new conv of block_out_channels[0] -> 2C
 channels (128 -> 64 for SD 2.1, PyTorch's default Kaiming-uniform init); geometry planes
@@ -190,6 +191,18 @@ class PRDStudent(nn.Module):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """prompts -> (B, 77, C_text) last hidden states of the frozen text encoder."""
         return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+
+    def eos_positions(self, prompts: list[str]) -> torch.Tensor:
+        """(B,) int64: where each prompt's end-of-text token sits among the 77 tokens of
+        ``encode_text`` (CLIP's pooled output is the final state there)."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=TEXT_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return (ids == self.tokenizer.eos_token_id).int().argmax(dim=1)
 
     def text_encoder_id(self) -> str:
         """Names this text encoder for an embedding cache: arch, weights folder and a

@@ -124,7 +124,10 @@ def make_optimizer(cfg: Config, params):
     if t.optimizer == "adan":
         from pytorch_optimizer import Adan
 
-        return Adan(params, lr=t.lr, weight_decay=t.weight_decay)
+        # the reference's Adan: betas (0.98, 0.92, 0.99), eps 1e-15 (the library's is 1e-8)
+        return Adan(
+            params, lr=t.lr, betas=(0.98, 0.92, 0.99), eps=1e-15, weight_decay=t.weight_decay
+        )
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -279,6 +282,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             b, planes = len(prompts), cfg.student.planes
             size = cfg.student.resolved_latent_size()
             latent_shape = (b * planes, 4, size, size)
+            backdrop = model.backdrop(prompts, text, background)
             x0_prev = None
             # 2. K progressive steps
             for k, t_k in enumerate(timesteps):
@@ -299,12 +303,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                         cfg.volume,
                         cfg.cameras.n_views,
                         gen,
-                        background,
+                        backdrop,
                         t_cfg.volume_color_grad.at(step),
                     )
                 }
                 if cfg.mesh.enabled:
-                    branches["mesh"] = mesh_branch(field, cams, cfg.mesh, cfg.mesh_grid, background)
+                    branches["mesh"] = mesh_branch(field, cams, cfg.mesh, cfg.mesh_grid, backdrop)
                 # 2e. teachers on every branch, regularizers on the volume branch
                 loss_k = torch.zeros((), device=info.device)
                 for branch, out in branches.items():

@@ -375,10 +375,12 @@ def render_views(
     """NeuS images of B objects, ``views_per_object`` views each.
 
     cameras: B * views_per_object cameras, views of one object contiguous (as
-    ``sample_cameras``), in the field's dtype/device. background: None (white), (3,) or
-    (N, 3) per view. generator: sample jitter and patch positions; None renders deterministically
-    and draws patch positions from torch's global generator. patch_offsets: (N, 2) (row,
-    col) patch corners to use instead of random ones (patch mode).
+    ``sample_cameras``), in the field's dtype/device. background: None (white), (3,) or (N, 3) per
+    view, or a callable mapping each object's ray directions (B, R, 3) to colours
+    (B, R, 3) (a learned background). generator: sample jitter and patch positions; None
+    renders deterministically and draws patch positions from torch's global generator.
+    patch_offsets: (N, 2) (row, col) patch corners to use instead of random ones (patch
+    mode).
     """
     n, v, res = len(cameras), views_per_object, cfg.resolution
     if v < 1 or n % v:
@@ -416,8 +418,11 @@ def render_views(
     else:
         raise ValueError(f'mode must be "full" or "patch", got {mode!r}')
 
-    bg = _background(background, o)  # per view
     b = n // v
+    if callable(background):
+        bg = background(d.reshape(b, -1, 3))
+    else:
+        bg = _background(background, o)  # per view
     out = render_rays(
         field,
         o.reshape(b, -1, 3),

@@ -109,7 +109,7 @@ class DistillationTeacher(torch.nn.Module):
                 )
                 eps_c, eps_u = eps[:n], eps[n:]
         # 4. The loss, normalized to the reference's size (teachers.guidance).
-        c = G.loss_scale(x, cfg)
+        c = G.loss_scale(x, cfg, len(prompts))
         x0 = None
         if cfg.loss in ("sds", "sds_uniform"):
             uniform = cfg.loss == "sds_uniform"

@@ -35,7 +35,6 @@ from prd.distributed import DistInfo  # noqa: E402
 from prd.losses import Ramp  # noqa: E402
 from prd.model import build_model  # noqa: E402
 from prd.weights import load_weights  # noqa: E402
-from teachers.base import assert_frozen  # noqa: E402
 
 # Small enough for ~1 s per optimizer step with K = 2 (mesh branch off unless asked).
 TINY = [
@@ -182,9 +181,6 @@ def test_two_steps_change_only_trainable_parameters(two_steps):
             assert not torch.equal(p.detach(), before[name]), f"{name} did not train"
         else:
             assert torch.equal(p.detach(), before[name]), f"frozen {name} changed"
-    for role in built["teachers"]:
-        for branch, teacher in role.branches.items():
-            assert_frozen(teacher, f"{role.name}/{branch}")
     # the mesh branch ran and every logged loss is finite
     records = checkpoint.read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2]
