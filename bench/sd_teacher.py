@@ -31,8 +31,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from prd.arch import ARCH_CONFIGS, sd_scheduler
+from prd.pretrained_teachers import StudentBase
 from prd.student import StudentConfig, build_student
-from prd.teacher_setup import StudentBase, TeacherSpec, role_teachers
+from prd.teacher_setup import TeacherSpec, role_teachers
 from prompts.tokenizer import build_clip_tokenizer
 from renderers.cameras import CameraSampling, sample_cameras
 from teachers.base import Views

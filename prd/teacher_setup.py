@@ -5,24 +5,26 @@ Three roles, each on both render branches: SD 2.1 (one RGB view; the volume bran
 it the opposite view, as the reference), MVDream (4 RGB views + cameras) and RichDreamer
 ND-MV (4 views of normal + depth). Each role has a ``source``: "oracle" — the exact
 denoiser of the analytic scenes (``teachers.oracle``), the embedded default — or
-"pretrained", a frozen diffusion model from a local folder: SD from a diffusers-format
-folder (``teachers.sd``); MVDream and RichDreamer arrive with their converters in the
-next release and are refused with a clear error until then.
+"pretrained", a frozen diffusion model from local files (``prd.pretrained_teachers``: SD
+from a diffusers-format folder, MVDream and RichDreamer ND-MV from their original
+checkpoints or ``prd convert`` folders).
 
 One frozen model per role serves both branches: the two branches' teachers differ only
 in their role (the view SD scores) and share the denoiser. ``check_teachers`` reads no
-weights, so a run checks every folder before it loads anything.
+weights, so a run checks every path before it loads anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from teachers import sd
+from prd.pretrained_teachers import DTYPES, StudentBase, check_pretrained, load
+
+__all__ = ["StudentBase", "TeacherSpec", "TeachersConfig", "build_teachers", "check_teachers"]
+from teachers import richdreamer
 from teachers.distill import DistillationTeacher
 from teachers.guidance import (
     GuidanceConfig,
@@ -37,7 +39,6 @@ from teachers.roles import MultiViewNormalDepth, MultiViewRGB, Role, SingleViewR
 SOURCES = ("oracle", "pretrained")
 BRANCHES = ("volume", "mesh")
 ROLES = ("sd", "mvdream", "richdreamer")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The reference's negative prompt of its MVDream and RichDreamer guidance (TriplaneTurbo's
 # configs, negative_prompt and negative_prompt_2nd); its SD guidance uses "".
 REFERENCE_NEGATIVE_PROMPT = (
@@ -72,12 +73,27 @@ class TeacherSpec:
     reference, fp32 on CPU). Losses are fp32 whatever it is."""
     gradient_checkpointing: bool = False
     """Pretrained latent teachers: recompute the VAE encoder's activations in backward."""
+    text_encoder: str | None = None
+    """Pretrained MVDream / RichDreamer: a folder with the text_encoder/ and tokenizer/ the
+    model was trained with (MVDream: SD 2.1's; None uses the student's, which is that
+    encoder. RichDreamer: CLIP ViT-L/14 of an SD-1.5-style folder, required)."""
+    vae: str | None = None
+    """Pretrained MVDream: a folder whose vae/ (SD's) makes its latents; None: the converted
+    checkpoint's folder, else the SD teacher's, else the student's base folder."""
+    ldm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Pretrained MVDream / RichDreamer given as an original checkpoint that is not the
+    released model: its UNet's constructor arguments (empty: the released config)."""
+    depth_radius: float = richdreamer.DEPTH_RADIUS
+    """RichDreamer role: depth is normalized between camera distance -+ sqrt(3) x this
+    (1 in RichDreamer's guidance and the reference)."""
     supersample: int = 1
     """Oracle only: rays per pixel side of its ground-truth renders (antialiasing)."""
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"teacher source must be one of {SOURCES}, got {self.source!r}")
+        if self.depth_radius <= 0:
+            raise ValueError(f"teacher depth_radius must be > 0, got {self.depth_radius}")
         if self.resolution < 1 or self.supersample < 1:
             raise ValueError(
                 f"teacher resolution and supersample must be >= 1, got "
@@ -124,77 +140,19 @@ class RoleTeachers:
         return self.branches[branch]
 
 
-@dataclass
-class StudentBase:
-    """What a teacher may borrow from the student: its base folder, its UNet as the
-    pretrained model (``unet_context``), and its prompt encoding (``text_fn``)."""
-
-    folder: str | None
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    unet_context: Callable
-    text_fn: Callable[[list[str]], torch.Tensor]
-
-
-def _same_folder(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
-
-
-def check_teachers(cfg: TeachersConfig) -> None:
-    """Fail before any weights load or process group starts: every enabled pretrained
-    teacher has a complete folder (FileNotFoundError naming the path and the expected
-    files), and no enabled role lacks a loader (ValueError)."""
+def check_teachers(cfg: TeachersConfig, student_folder: str | None = None) -> None:
+    """Fail before any weights load or process group starts: at least one role enabled
+    (ValueError), and every enabled pretrained teacher's files there (FileNotFoundError
+    naming the key, the path and the files expected). ``student_folder``: the student's
+    base folder, where MVDream may find its VAE."""
     enabled = [r for r in ROLES if getattr(cfg, r).enabled]
     if not enabled:
         raise ValueError(
             "no teacher enabled: enable at least one of teachers.{sd,mvdream,richdreamer}"
         )
     for role in enabled:
-        spec: TeacherSpec = getattr(cfg, role)
-        if spec.source != "pretrained":
-            continue
-        if role != "sd":
-            raise ValueError(
-                f"teachers.{role}.source=pretrained: loading {role} weights is not in this "
-                f"release; use teachers.{role}.source=oracle or teachers.{role}.enabled=false"
-            )
-        if spec.pretrained is None:
-            raise ValueError(
-                f"teachers.{role}.pretrained is not set: point it at a local diffusers-format "
-                "stable-diffusion-2-1-base folder (e.g. the student's base folder)"
-            )
-        sd.check_sd_folder(spec.pretrained, f"teachers.{role}.pretrained")
-
-
-def resolve_dtype(spec: TeacherSpec, device) -> torch.dtype:
-    """The spec's dtype; "auto" is fp16 on CUDA (the reference) and fp32 elsewhere."""
-    if spec.dtype == "auto":
-        return torch.float16 if torch.device(device or "cpu").type == "cuda" else torch.float32
-    return DTYPES[spec.dtype]
-
-
-def sd_denoiser(spec: TeacherSpec, device, student: StudentBase | None) -> sd.SDDenoiser:
-    """The SD role's frozen denoiser: the student's base weights when ``spec.pretrained``
-    is the student's folder, else the folder's weights in the spec's dtype."""
-    if student is not None and _same_folder(spec.pretrained, student.folder):
-        tokenizer, _, _, vae, scheduler = sd.load_parts(
-            spec.pretrained, resolve_dtype(spec, device), "teachers.sd.pretrained", unet=False
-        )
-        return sd.SDDenoiser(
-            tokenizer,
-            student.text_encoder,
-            student.unet,
-            vae,
-            scheduler,
-            borrowed=student.unet_context,
-            text_fn=student.text_fn,
-            gradient_checkpointing=spec.gradient_checkpointing,
-            where=f"teachers.sd.pretrained={spec.pretrained}",
-        ).to(device)
-    denoiser = sd.load_pretrained(
-        spec.pretrained, resolve_dtype(spec, device), spec.gradient_checkpointing
-    )
-    return denoiser.to(device)
+        if getattr(cfg, role).source == "pretrained":
+            check_pretrained(role, cfg, student_folder)
 
 
 def negative_prompt(role: str, spec: TeacherSpec) -> str:
@@ -211,7 +169,7 @@ def _role(role: str, spec: TeacherSpec, branch: str, views_per_object: int) -> R
         return SingleViewRGB(view_offset=views_per_object // 2 if branch == "volume" else 0)
     if role == "mvdream":
         return MultiViewRGB(n_views=4)
-    return MultiViewNormalDepth(n_views=4)
+    return MultiViewNormalDepth(n_views=4, radius=spec.depth_radius)
 
 
 def build_teachers(
@@ -225,8 +183,9 @@ def build_teachers(
     DistillationTeacher per render branch. ``background``: the RGB the renders are
     composited over (the oracle's ground truth uses it); ``student``: what a pretrained
     teacher on the student's base folder borrows."""
-    check_teachers(cfg)
+    check_teachers(cfg, student.folder if student is not None else None)
     teachers = []
+    vaes = {}  # SD VAEs by folder: the SD and MVDream teachers share one
     for role in ROLES:
         spec: TeacherSpec = getattr(cfg, role)
         if not spec.enabled:
@@ -236,11 +195,12 @@ def build_teachers(
             role_0 = _role(role, spec, "mesh", views_per_object)  # packing: same on both
             denoiser = OracleDenoiser(role_0, schedule, background, spec.supersample).to(device)
             teachers.append(role_teachers(role, spec, denoiser, schedule, views_per_object))
-        else:  # check_teachers refused the roles without a loader
-            denoiser = sd_denoiser(spec, device, student)
-            latent = (denoiser.encode_images, denoiser.decode_latents)
+        else:
+            m = load(role, cfg, device, student, vaes)
             teachers.append(
-                role_teachers(role, spec, denoiser, denoiser.schedule, views_per_object, *latent)
+                role_teachers(
+                    role, spec, m.denoiser, m.schedule, views_per_object, m.encode, m.decode
+                )
             )
     return teachers
 

@@ -215,7 +215,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     cfg.prompts.resolve()
     check_run_dir(cfg, run_dir, resume)
     check_base(cfg.student)
-    check_teachers(cfg.teachers)
+    check_teachers(cfg.teachers, cfg.student.pretrained)
     evaluator = TrainingEval.from_config(cfg.train)  # None unless train.eval_every
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)

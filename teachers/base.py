@@ -8,6 +8,7 @@ guidance loss with its timestep and CFG schedules (``teachers.guidance``).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -116,3 +117,29 @@ def assert_frozen(module: torch.nn.Module, name: str) -> None:
             f"teacher {name!r} has {len(trainable)} trainable parameters (e.g. {trainable[0]!r}); "
             "call requires_grad_(False) and eval() on its models"
         )
+
+
+class TextMemo:
+    """Prompt -> conditioning, each prompt encoded once while it stays among the ``size``
+    most recently used: one training step scores each prompt K x 2 branches times (twice
+    more with ASD's second call), and the negative prompt at every call.
+
+    encode: prompts -> (B, ...) conditioning, one row per prompt."""
+
+    def __init__(self, encode: Callable[[list[str]], Tensor], size: int = 256):
+        self.encode = encode
+        self.size = size
+        self._rows: OrderedDict[str, Tensor] = OrderedDict()
+
+    def __call__(self, prompts: list[str]) -> Tensor:
+        new = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+        if new:
+            for p, row in zip(new, self.encode(new)):
+                self._rows[p] = row
+        out = []
+        for p in prompts:
+            self._rows.move_to_end(p)
+            out.append(self._rows[p])
+        while len(self._rows) > self.size:
+            self._rows.popitem(last=False)
+        return torch.stack(out)

@@ -136,8 +136,11 @@ def mvdream_guidance() -> GuidanceConfig:
 
 
 def richdreamer_guidance() -> GuidanceConfig:
-    """RichDreamer ND-MV in the reference: ASD, CFG 20, 4x32x32 pixels."""
-    return GuidanceConfig(loss="asd", guidance_scale=20.0, reference_numel=4 * 32 * 32)
+    """RichDreamer ND-MV in the reference: ASD with shift ratio 0.1 (TriplaneTurbo v1's
+    rd_plus_ratio), CFG 20, 4x32x32 pixels."""
+    return GuidanceConfig(
+        loss="asd", guidance_scale=20.0, asd_shift_ratio=0.1, reference_numel=4 * 32 * 32
+    )
 
 
 def _progress(cfg: GuidanceConfig, step: int) -> float:

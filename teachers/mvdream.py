@@ -15,6 +15,7 @@ measures azimuth from -y where we measure it from +x.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from renderers.cameras import Cameras
 from teachers import multiview_unet as mv
+from teachers.base import TextMemo
 
 RELEASED = dict(
     image_size=32,
@@ -118,18 +120,33 @@ class MultiViewDenoiser(torch.nn.Module):
     """A frozen multi-view UNet with its text encoder: the ``teachers.base.Denoiser`` of
     MVDream and ND-MV.
 
-    encode_text(prompts) -> (B, 77, D) last hidden states ("" is the unconditional one);
+    encode_text(prompts) -> (B, 77, D) last hidden states ("" is the unconditional one),
+    each prompt encoded once while recent (``teachers.base.TextMemo``);
     forward(x_t, t, cond, cameras) -> eps (B, C, h, w) in x_t's dtype for B = objects x
     ``num_frames`` views (views of an object contiguous), integer timesteps t (B,).
+    text_fn: prompts -> conditioning, in place of ``text_encoder`` + ``tokenizer`` (e.g.
+    MVDream on the student's SD 2.1 text encoder, which it was trained with).
     """
 
-    def __init__(self, unet, text_encoder, tokenizer, camera_condition, num_frames=NUM_FRAMES):
+    def __init__(
+        self,
+        unet,
+        text_encoder,
+        tokenizer,
+        camera_condition,
+        num_frames=NUM_FRAMES,
+        text_fn: Callable[[list[str]], Tensor] | None = None,
+    ):
         super().__init__()
+        if (text_encoder is None) == (text_fn is None):
+            raise ValueError("multi-view denoiser: give a text encoder or a text_fn, not both")
         self.unet = unet
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.camera_condition = camera_condition
         self.num_frames = num_frames
+        self.text_fn = text_fn
+        self._memo = TextMemo(self._encode_new)
         self.requires_grad_(False)
         self.eval()
 
@@ -137,8 +154,13 @@ class MultiViewDenoiser(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
-    @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Tensor:
+        return self._memo(prompts)
+
+    @torch.no_grad()
+    def _encode_new(self, prompts: list[str]) -> Tensor:
+        if self.text_fn is not None:
+            return self.text_fn(prompts)
         ids = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -198,22 +220,26 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype, device=None):
 
 def load_denoiser(
     pretrained: str | Path,
-    text_encoder: str | Path,
+    text_encoder: str | Path | None = None,
     dtype=torch.float32,
     device=None,
     ldm_kwargs: dict | None = None,
+    text_fn: Callable[[list[str]], Tensor] | None = None,
 ) -> MultiViewDenoiser:
     """MVDream as a frozen Denoiser on ``device`` in ``dtype``: pretrained is the original
     sd-v2.1-base-4view.pt or its ``prd convert`` folder; text_encoder a diffusers SD 2.1
-    folder (the OpenCLIP ViT-H encoder MVDream was trained with); ldm_kwargs: the UNet
-    arguments of an original file that is not the released model. Inputs are SD latents
-    (scaling factor ``VAE_SCALING_FACTOR``) of 256 px renders."""
+    folder (the OpenCLIP ViT-H encoder MVDream was trained with), or None with ``text_fn``
+    (the same encoder, already loaded); ldm_kwargs: the UNet arguments of an original file
+    that is not the released model. Inputs are SD latents (scaling factor
+    ``VAE_SCALING_FACTOR``) of 256 px renders."""
     for p in (pretrained, text_encoder):
-        if not Path(p).exists():
+        if p is not None and not Path(p).exists():
             raise FileNotFoundError(f"MVDream: {p} does not exist")
     unet = load_unet(pretrained, ldm_kwargs or RELEASED, dtype).to(device)
-    encoder, tokenizer = load_text_encoder(text_encoder, dtype, device)
-    return MultiViewDenoiser(unet, encoder, tokenizer, camera_condition)
+    encoder = tokenizer = None
+    if text_encoder is not None:
+        encoder, tokenizer = load_text_encoder(text_encoder, dtype, device)
+    return MultiViewDenoiser(unet, encoder, tokenizer, camera_condition, text_fn=text_fn)
 
 
 __all__ = [

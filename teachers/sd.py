@@ -24,7 +24,6 @@ second copy of the weights is loaded (the reference loads two).
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from renderers.cameras import Cameras
+from teachers.base import TextMemo
 from teachers.noise import NoiseSchedule
 
 TEXT_LENGTH = 77
@@ -54,8 +54,7 @@ SD_FOLDER_FILES = (
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TEXT_MEMO = 256
-"""Prompts whose conditioning a teacher keeps in memory: one step scores each prompt
-K x 2 branches times (x 2 with ASD's second call), the negative prompt at every call."""
+"""Prompts whose conditioning a teacher keeps in memory (``teachers.base.TextMemo``)."""
 
 
 def check_sd_folder(folder: str | Path, key: str, hint: str = "") -> Path:
@@ -189,7 +188,7 @@ class SDDenoiser(nn.Module):
             self._borrowed_models = (unet, text_encoder)
         self.text_fn = text_fn
         self.gradient_checkpointing = gradient_checkpointing
-        self._memo: OrderedDict[str, Tensor] = OrderedDict()
+        self._memo = TextMemo(self._encode_new, TEXT_MEMO)
 
     def models(self) -> tuple[UNet2DConditionModel, CLIPTextModel]:
         """(UNet, text encoder), owned or borrowed."""
@@ -197,28 +196,15 @@ class SDDenoiser(nn.Module):
             return self.unet, self.text_encoder
         return self._borrowed_models
 
-    def downsampling(self) -> int:
-        """Image pixels per latent pixel (8 for SD's VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def encode_text(self, prompts: list[str]) -> Tensor:
         """(B, 77, C) conditioning, each prompt computed once while it stays among the
         TEXT_MEMO most recently used; "" is the unconditional prompt."""
-        new = list(dict.fromkeys(p for p in prompts if p not in self._memo))
-        if new:
-            if self.text_fn is not None:
-                states = self.text_fn(new)
-            else:
-                states = encode_prompts(self.tokenizer, self.models()[1], new)
-            for p, s in zip(new, states):
-                self._memo[p] = s
-        out = []
-        for p in prompts:
-            self._memo.move_to_end(p)
-            out.append(self._memo[p])
-        while len(self._memo) > TEXT_MEMO:
-            self._memo.popitem(last=False)
-        return torch.stack(out)
+        return self._memo(prompts)
+
+    def _encode_new(self, prompts: list[str]) -> Tensor:
+        if self.text_fn is not None:
+            return self.text_fn(prompts)
+        return encode_prompts(self.tokenizer, self.models()[1], prompts)
 
     @torch.no_grad()
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor, cameras: Cameras | None) -> Tensor:
@@ -237,16 +223,50 @@ class SDDenoiser(nn.Module):
 
     def encode_images(self, image: Tensor, generator: torch.Generator) -> Tensor:
         """Renders (n, 3, H, W) in [-1, 1] -> latents (``vae_encode``), with gradients."""
-        f = self.downsampling()
-        if image.shape[-1] % f or image.shape[-2] % f:
-            raise ValueError(
-                f"SD teacher: image size {tuple(image.shape[-2:])} is not a multiple of the "
-                f"VAE's downsampling factor {f}; set the teacher's resolution to one"
-            )
-        return vae_encode(self.vae, image, generator, self.gradient_checkpointing)
+        return encode_checked(self.vae, image, generator, self.gradient_checkpointing, "SD")
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Latents -> images in [-1, 1] (``vae_decode``), no gradients."""
+        return vae_decode(self.vae, latents)
+
+
+def downsampling(vae: AutoencoderKL) -> int:
+    """Image pixels per latent pixel (8 for SD's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def encode_checked(
+    vae: AutoencoderKL,
+    image: Tensor,
+    generator: torch.Generator,
+    gradient_checkpointing: bool,
+    teacher: str,
+) -> Tensor:
+    """``vae_encode`` after checking the image size against the VAE's downsampling factor
+    (ValueError naming the ``teacher`` whose resolution to change)."""
+    f = downsampling(vae)
+    if image.shape[-1] % f or image.shape[-2] % f:
+        raise ValueError(
+            f"{teacher} teacher: image size {tuple(image.shape[-2:])} is not a multiple of the "
+            f"VAE's downsampling factor {f}; set the teacher's resolution to one"
+        )
+    return vae_encode(vae, image, generator, gradient_checkpointing)
+
+
+class LatentCodec(nn.Module):
+    """A frozen SD VAE as a latent teacher's image <-> latent maps (MVDream's checkpoint
+    carries SD's VAE): ``encode_images`` with gradients, ``decode_latents`` without."""
+
+    def __init__(self, vae: AutoencoderKL, gradient_checkpointing: bool, teacher: str):
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        self.gradient_checkpointing = gradient_checkpointing
+        self.teacher = teacher
+
+    def encode_images(self, image: Tensor, generator: torch.Generator) -> Tensor:
+        return encode_checked(self.vae, image, generator, self.gradient_checkpointing, self.teacher)
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
         return vae_decode(self.vae, latents)
 
 

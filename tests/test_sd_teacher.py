@@ -14,8 +14,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from prd.arch import TINY_VAE
+from prd.pretrained_teachers import StudentBase, sd_denoiser
 from prd.student import StudentConfig, build_student
-from prd.teacher_setup import StudentBase, TeacherSpec, check_teachers, sd_denoiser
+from prd.teacher_setup import TeacherSpec, check_teachers
 from renderers.cameras import CameraSampling, sample_cameras
 from teachers import guidance as G
 from teachers import sd
@@ -50,7 +51,7 @@ def _views(n_objects: int, size: int = 16, seed: int = 0, grad: bool = False) ->
 def test_eps_equals_a_direct_unet_call_on_the_text_encoders_last_states(tiny_sd_folder):
     den = sd.load_pretrained(tiny_sd_folder)
     assert_frozen(den, "sd")
-    assert den.prediction_type == "epsilon" and den.downsampling() == 4
+    assert den.prediction_type == "epsilon" and sd.downsampling(den.vae) == 4
     tok, text, unet = _direct(tiny_sd_folder)
     prompts = ["a red cube", "", "a blue cone"]
     cond = den.encode_text(prompts)
@@ -152,7 +153,7 @@ def test_cfg_with_the_negative_prompt_matches_a_hand_computed_combination(tiny_s
         negative = _states(tok, text, ["blurry, ugly"] * 2)
         eps_u = unet(x_t, t, encoder_hidden_states=negative).sample
     g = eps_u + 7.5 * (eps_c - eps_u) - noise
-    c = 4 * 64 * 64 / (x[0].numel() * 2)
+    c = 4 * 64 * 64 / x[0].numel()  # summed over the objects (object_reduction "sum")
     assert torch.equal(out.timesteps, t)
     torch.testing.assert_close(out.loss, 0.5 * c * g.square().sum(), rtol=1e-4, atol=0)
     torch.testing.assert_close(out.x0, (x_t - s * (eps_u + 7.5 * (eps_c - eps_u))) / a,
@@ -236,8 +237,8 @@ def test_a_missing_subfolder_or_folder_is_named_before_loading(tmp_path, tiny_sd
     with pytest.raises(ValueError, match="teachers.sd.pretrained is not set"):
         check_teachers(cfg)
     cfg.sd = TeacherSpec(enabled=False)
-    cfg.mvdream = TeacherSpec(source="pretrained", pretrained=str(tiny_sd_folder))
-    with pytest.raises(ValueError, match="teachers.mvdream.source=pretrained.*not in this"):
+    cfg.mvdream = TeacherSpec(pretrained=str(tmp_path / "mv.pt"))
+    with pytest.raises(FileNotFoundError, match=f"teachers.mvdream.pretrained: {tmp_path}"):
         check_teachers(cfg)
     with pytest.raises(ValueError, match="negative_prompt must be ''"):
         TeacherSpec(source="oracle", negative_prompt="ugly")

@@ -78,11 +78,11 @@ def test_build_writes_a_loadable_base_with_unit_std_latents(tmp_path):
     assert torch.equal(text[0], text[1]) and not torch.allclose(text[0], text[2])
     assert torch.equal(model.student.unet.conv_in.weight, _unet_of(out).conv_in.weight)
     # ... and a valid SD teacher folder: the same text states, its UNet as the student's base
-    from teachers.sd import load_pretrained
+    from teachers import sd
 
-    teacher = load_pretrained(out)
+    teacher = sd.load_pretrained(out)
     assert torch.equal(teacher.encode_text(["a red cube"])[0], text[0])
-    assert teacher.prediction_type == "epsilon" and teacher.downsampling() == 4
+    assert teacher.prediction_type == "epsilon" and sd.downsampling(teacher.vae) == 4
 
     with pytest.raises(FileExistsError, match="exists"):
         tb.build_tiny_base(out, cfg.cameras, FAST, log=lambda s: None)
