@@ -8,13 +8,16 @@
   and an "error";
 - ``scores.md``: the same as a markdown table;
 - ``index.html``: a gallery of the four views of each prompt with its scores, sortable
-  by any score (inline script); images by relative paths into ``views/``, so the folder
-  opens offline as it is.
+  by any score (inline script). Self-contained: each view is inlined as a 160 px PNG
+  thumbnail (a data URI, ~10 KB), so the page opens offline on its own; a click opens the
+  full image in ``views/`` when the folder is beside it.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 from pathlib import Path
 
@@ -38,21 +41,35 @@ def scores_document(ev: Evaluation, protocol: ViewProtocol, **meta) -> dict:
     return {"prompts": ev.rows, "mean": ev.mean, "protocol": protocol.as_dict(), **meta}
 
 
+THUMBNAIL = 160
+"""Side of the gallery's inlined view thumbnails, pixels."""
+
+
+def thumbnail_uri(image) -> str:
+    """An (H, W, 3) uint8 view as a data URI of a THUMBNAIL-pixel PNG."""
+    thumb = Image.fromarray(image).resize((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    thumb.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def write_report(out: Path, ev: Evaluation, protocol: ViewProtocol, **meta) -> dict:
     """Write views, scores.json, scores.md and index.html into ``out``; returns the
     scores.json object."""
     out = Path(out)
-    for name, images in zip(ev.names, ev.images):
+    thumbs = {}
+    for prompt, name, images in zip(ev.prompts, ev.names, ev.images):
         if images is None:
             continue
         folder = out / "views" / name
         folder.mkdir(parents=True, exist_ok=True)
         for k, image in enumerate(images):
             Image.fromarray(image).save(folder / f"{k}.png")
+        thumbs[prompt] = [thumbnail_uri(image) for image in images]
     doc = scores_document(ev, protocol, **meta)
     (out / "scores.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "scores.md").write_text(markdown_table(ev))
-    (out / "index.html").write_text(gallery_html(ev, protocol))
+    (out / "index.html").write_text(gallery_html(ev, protocol, thumbs))
     return doc
 
 
@@ -103,8 +120,9 @@ _SCRIPT = """document.querySelectorAll("th[data-key]").forEach(function (th) {
 });"""
 
 
-def gallery_html(ev: Evaluation, protocol: ViewProtocol) -> str:
-    """A self-contained page: no external resource; views by relative path."""
+def gallery_html(ev: Evaluation, protocol: ViewProtocol, thumbs: dict[str, list[str]]) -> str:
+    """A self-contained page: no external resource; the views inlined as ``thumbs``
+    (prompt -> data URIs), each a link to its full image by relative path."""
     esc = html.escape
     cols = _columns(ev)
     head = "".join(f'<th data-key="{c}">{esc(COLUMNS[c][0])} &#8597;</th>' for c in cols)
@@ -118,10 +136,10 @@ def gallery_html(ev: Evaluation, protocol: ViewProtocol) -> str:
             views = f'<td class="err">{esc(row["error"])}</td>'
         else:
             imgs = "".join(
-                f'<img src="{esc(v["image"])}" loading="lazy" alt="view {k}" '
+                f'<a href="{esc(v["image"])}"><img src="{uri}" alt="view {k}" '
                 f'title="azimuth {v["azimuth"]:g}: CLIP {v["clip_score"]:.2f}, '
-                f'top-1 {esc(v["top1"])}">'
-                for k, v in enumerate(row["views"])
+                f'top-1 {esc(v["top1"])}"></a>'
+                for k, (v, uri) in enumerate(zip(row["views"], thumbs[prompt]))
             )
             views = f"<td>{imgs}</td>"
         rows.append(

@@ -3,6 +3,8 @@ written with save_pretrained (no hub), and its logging during training."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import re
@@ -118,7 +120,8 @@ def test_score_views_known_values():
 class _Gallery(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.rows, self.images, self.refs, self.script = [], [], [], False
+        self.rows, self.images, self.links, self.refs = [], [], [], []
+        self.script = False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -126,6 +129,8 @@ class _Gallery(HTMLParser):
             self.rows.append(a)
         if tag == "img":
             self.images.append(a["src"])
+        if tag == "a":
+            self.links.append(a["href"])
         self.refs += [v for k, v in attrs if k in ("src", "href") and v]
         self.script |= tag == "script"
 
@@ -193,8 +198,9 @@ def test_scores_json_matches_a_recomputation_from_the_saved_pngs(tmp_path, capsy
     )
     assert json.loads(stdout.split(": ", 1)[1]) == mean
 
-    # the gallery: every prompt, its scores, images by relative paths inside OUT, no
-    # external resource, a sorting script; the markdown table: one row per prompt + mean
+    # the gallery: every prompt, its scores, each view inlined as a thumbnail of the saved
+    # PNG and linked to it by relative path inside OUT, no external resource, a sorting
+    # script; the markdown table: one row per prompt + mean
     page = (out / "index.html").read_text()
     g = _Gallery()
     g.feed(page)
@@ -202,8 +208,14 @@ def test_scores_json_matches_a_recomputation_from_the_saved_pngs(tmp_path, capsy
     for r in g.rows:
         want = doc["prompts"][r["data-prompt"]]["clip_score"]
         assert (r["data-clip_score"] == "") if want is None else float(r["data-clip_score"]) == want
-    assert len(g.images) == 8 and all((out / src).is_file() for src in g.images)
-    assert not any(re.match(r"[a-z]+:|/", ref) for ref in g.refs)
+    assert len(g.links) == 8 and all((out / href).is_file() for href in g.links)
+    for href, src in zip(g.links, g.images):
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :]))))
+        full = Image.open(out / href).resize(thumb.shape[:2], Image.Resampling.LANCZOS)
+        assert thumb.shape == (160, 160, 3) and np.array_equal(thumb, np.asarray(full))
+    assert not any(re.match(r"[a-z]+:|/", ref) for ref in g.links)
     assert g.script and "http" not in page
     table = (out / "scores.md").read_text().splitlines()
     assert len(table) == 2 + 4 + 1 and table[2].startswith("| a red box |")
