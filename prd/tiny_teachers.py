@@ -9,9 +9,10 @@ guidance, one timestep per object shared by its 4 views) on the 30 training scen
   1. views: ``sets`` random 4-view camera sets of each training scene from the run's
      camera distribution (``renderers.cameras.sample_cameras``), rendered by the oracle
      world (``teachers.scenes.render_scenes``, 32 px, 2x2 supersampled, grey background)
-  2. MVDream: RGB packed by its role (``teachers.roles.MultiViewRGB``), encoded by the
-     tiny base's VAE (times its scaling factor); text: the tiny base's text encoder (as
-     MVDream conditions on SD 2.1's); cameras: ``teachers.mvdream.camera_condition``
+  2. MVDream, started from the tiny SD's UNet as MVDream from SD 2.1's: RGB packed by
+     its role (``teachers.roles.MultiViewRGB``), encoded by the tiny base's VAE (times
+     its scaling factor); text: the tiny base's text encoder (as MVDream conditions on
+     SD 2.1's); cameras: ``teachers.mvdream.camera_condition``
   3. ND-MV: normal + depth packed by its role (``teachers.roles.MultiViewNormalDepth``
      at ``Recipe.depth_radius``), 4 pixel channels; text: a tiny CLIP of its own in an
      SD-1.5-style folder (as ND-MV conditions on CLIP ViT-L); cameras:
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from torch import Tensor
 
 from prd import tiny_base
@@ -85,8 +87,9 @@ MV_LDM = dict(
     camera_dim=16,
 )
 """Tiny MVDream (the released layout's options: linear projections, heads of fixed width):
-the tiny SD UNet's widths (32, 64), 16-channel heads, joint attention at both levels of
-the 8 x 8 latents (4 x 64 tokens: cheap), context = the tiny SD text width."""
+the tiny SD UNet's blocks (``prd.arch.TINY_UNET``: widths 32, 64, 16-channel heads,
+attention at both levels), so that it starts from the tiny SD's weights as MVDream from SD
+2.1's; joint attention over 4 x 64 tokens of the 8 x 8 latents is cheap."""
 
 ND_TEXT = dict(TINY_TEXT, hidden_size=48, intermediate_size=96, projection_dim=48)
 """ND-MV's tiny CLIP: a width of its own (48), as CLIP ViT-L (768) is not SD 2.1's (1024):
@@ -220,6 +223,26 @@ def train_multiview(
     return loss.item()
 
 
+def from_single_view(sd_unet: UNet2DConditionModel, ldm_kwargs: dict) -> mv.MultiViewUNet:
+    """A multi-view UNet starting from the single-view SD UNet's weights, as MVDream starts
+    from SD 2.1 (same blocks and widths; every SD tensor is used). The camera MLP is new;
+    its output layer starts at zero, so the first step predicts as SD with joint-view
+    self-attention. (The ldm blocks normalize in 32 groups where the tiny SD has 8: the
+    weights carry over, the statistics are relearnt.)"""
+    model = mv.MultiViewUNet.build(mv.unet_config(ldm_kwargs))
+    missing, unexpected = model.load_state_dict(sd_unet.state_dict(), strict=False)
+    new = [k for k in missing if not k.startswith("class_embedding.")]
+    if new or unexpected:
+        raise ValueError(
+            f"tiny-teachers: the SD UNet does not fit {ldm_kwargs}: missing {new}, "
+            f"unexpected {unexpected}"
+        )
+    with torch.no_grad():
+        model.class_embedding.linear_2.weight.zero_()
+        model.class_embedding.linear_2.bias.zero_()
+    return model
+
+
 def original_checkpoint(unet: mv.MultiViewUNet, ldm_kwargs: dict) -> dict[str, Tensor]:
     """The flat ldm state dict (``model.diffusion_model.*``) of ``unet``, as the original
     MultiViewUNetModel(**ldm_kwargs) names its tensors."""
@@ -283,7 +306,7 @@ def build_tiny_teachers(
         shutil.copytree(base, staging / "sd")
     else:
         tiny_base.build_tiny_base(staging / "sd", cameras, base_recipe or tiny_base.Recipe(), log)
-    sd_tokenizer, sd_text, _, vae, _ = load_pretrained(staging / "sd", "tiny", torch.float32)
+    sd_tokenizer, sd_text, sd_unet, vae, _ = load_pretrained(staging / "sd", "tiny", torch.float32)
     vae.requires_grad_(False)
 
     torch.manual_seed(recipe.seed)
@@ -296,7 +319,7 @@ def build_tiny_teachers(
     # MVDream: RGB latents of the tiny VAE, the tiny SD's text states
     latents = tiny_base.encode(vae, MultiViewRGB(NUM_FRAMES).encode(views, RESOLUTION))
     text = encode_prompts(sd_tokenizer, sd_text, prompts + [""])
-    mv_unet = mv.MultiViewUNet.build(mv.unet_config(MV_LDM))
+    mv_unet = from_single_view(sd_unet, MV_LDM)
     t0 = time.perf_counter()
     mv_loss = train_multiview(
         mv_unet, latents, mvdream.camera_condition(views.cameras), labels, text,
