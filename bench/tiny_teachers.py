@@ -14,7 +14,8 @@ MVDream (latents decoded by the tiny VAE, RGB in [0, 1]):
   iou       those object pixels against the true mask (> 0.5)
   nearest   share of sets whose nearest (MSE) of all 36 scenes' renders from the same
             cameras is the prompt's own; colour / shape: its colour / shape is right
-ND-MV (4 channels in [-1, 1], as the role packs them):
+ND-MV (4 channels in [-1, 1], as the role packs them; pixel space, so each step's x0
+estimate is clamped to [-1, 1] as ldm samples pixel-space models):
   mae       mean |sample - truth| over pixels and channels
   iou       object pixels (depth channel > -0.8; background is -1) against the true mask
   normal    mean angle (degrees) between sampled and true normals where both see the object
@@ -53,11 +54,19 @@ from teachers.scenes import (
 
 @torch.no_grad()
 def ddim_sample(
-    denoiser, prompts: list[str], cameras: Cameras, shape, steps: int, cfg: float, gen
+    denoiser,
+    prompts: list[str],
+    cameras: Cameras,
+    shape,
+    steps: int,
+    cfg: float,
+    gen,
+    clip: bool = False,
 ) -> Tensor:
     """x0 (len(prompts) * 4, *shape) sampled by DDIM (eta 0) with CFG from N(0, I): one
-    prompt per 4-view set, cameras (len(prompts) * 4) of those sets."""
-    sched = DDIMScheduler.from_config(sd_scheduler().config)
+    prompt per 4-view set, cameras (len(prompts) * 4) of those sets. clip: clamp each
+    step's x0 estimate to [-1, 1] (ldm's sampling of pixel-space models)."""
+    sched = DDIMScheduler.from_config(sd_scheduler().config, clip_sample=clip)
     sched.set_timesteps(steps)
     per_view = [p for p in prompts for _ in range(NUM_FRAMES)]
     text = denoiser.encode_text(per_view + [""] * len(per_view))
@@ -170,7 +179,9 @@ def main() -> None:
                 img = ((img.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
                 m = rgb_metrics(img, prompts, renders)
             else:
-                x = ddim_sample(denoiser, prompts, cams, (4, size, size), args.steps, args.cfg, gen)
+                x = ddim_sample(
+                    denoiser, prompts, cams, (4, size, size), args.steps, args.cfg, gen, True
+                )
                 m = nd_metrics(x.clamp(-1, 1), prompts, renders, cams, spec["depth_radius"])
             numbers = "  ".join(f"{k} {v:.3f}" for k, v in m.items())
             print(f"{name:<11} {group:<8} {numbers}  ({time.perf_counter() - start:.0f}s)")
