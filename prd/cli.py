@@ -1,5 +1,5 @@
 """The ``prd`` command: ``prd train``, ``prd sample``, ``prd eval``, ``prd params``,
-``prd tiny-base``, ``prd convert``, ``prd prompts``.
+``prd tiny-base``, ``prd tiny-teachers``, ``prd convert``, ``prd prompts``.
 
 Each subcommand's module adds its own arguments (``add_arguments``) and runs it (``run``).
 Only the module of the command being run is imported (torch and diffusers take seconds
@@ -35,6 +35,12 @@ def _tiny_base():
     return tiny_base
 
 
+def _tiny_teachers():
+    from prd import tiny_teachers
+
+    return tiny_teachers
+
+
 def _convert():
     from prd import convert
 
@@ -59,6 +65,7 @@ COMMANDS = (
     ("eval", "score meshes of a prompt set: CLIP score, R@1 (the paper's protocol)", _eval),
     ("params", "count trainable and frozen parameters (no weights loaded)", _params),
     ("tiny-base", "pretrain the tiny SD in code (the embedded default's base)", _tiny_base),
+    ("tiny-teachers", "pretrain tiny MVDream and ND-MV in code", _tiny_teachers),
     ("convert", "original MVDream / ND-MV checkpoint -> diffusers folder", _convert),
 )
 """(name, help, module loader): each module has add_arguments(parser) and run(args)."""

@@ -185,9 +185,12 @@ def colour_error(
     return (mean - truth).norm(dim=-1).mean().item()
 
 
-def frozen_text_encoder(token_std: float, gen: torch.Generator) -> CLIPTextModel:
-    """The tiny CLIP text encoder, random-init and frozen, token embeddings ~ N(0, token_std)."""
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).requires_grad_(False).eval()
+def frozen_text_encoder(
+    token_std: float, gen: torch.Generator, config: dict = TINY_TEXT
+) -> CLIPTextModel:
+    """A tiny CLIP text encoder (``config``: CLIPTextConfig arguments), random-init and
+    frozen, token embeddings ~ N(0, token_std)."""
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config)).requires_grad_(False).eval()
     with torch.no_grad():
         text_encoder.get_input_embeddings().weight.normal_(0.0, token_std, generator=gen)
     return text_encoder
