@@ -107,7 +107,9 @@ class MultiViewNormalDepth:
     Channels 0-2: the camera-frame normal with x flipped, (-n_x, n_y, n_z), over the
     background (0, 0, 1). Channel 3: depth normalized as (far - d) / (far - near) with
     near / far = distance -+ radius * sqrt(3) (the camera's distance to the origin and
-    the object's bounding half-extent), mapped x2 - 1, over the background -1.
+    the object's bounding half-extent), clamped to [0, 1], mapped x2 - 1, over the
+    background -1. The training config sets radius (``teachers.richdreamer.depth_radius``:
+    1, RichDreamer's, for the real model; the oracle preset keeps its scenes' 0.5).
     """
 
     n_views: int = 4
@@ -142,7 +144,9 @@ class MultiViewNormalDepth:
         near = dist - self.radius * math.sqrt(3)
         far = dist + self.radius * math.sqrt(3)
         depth = torch.where(valid[..., 0], views.depth, far)
-        d = ((far - depth) / (far - near)) * 2 - 1
+        # clamped to the near/far slab as RichDreamer's guidance (a surface beyond it
+        # would otherwise leave the model's training range)
+        d = ((far - depth) / (far - near)).clamp(0, 1) * 2 - 1
         d = mask[..., 0] * d - (1 - mask[..., 0])
         packed = torch.cat([normal, d[..., None]], dim=-1).permute(0, 3, 1, 2)
         return resize(packed, size)
