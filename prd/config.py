@@ -122,6 +122,9 @@ class TrainConfig:
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
     deepspeed_json: str | None = None
     """Extra DeepSpeed settings (JSON file) merged over the generated ones, e.g. offload."""
+    collective_timeout: float = 1800.0
+    """Seconds a collective (all-reduce, barrier) waits for the other ranks before the run
+    fails, instead of hanging when a rank died unnoticed (torch's default is 30 min)."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "progressive_steps", "log_every"):
@@ -139,6 +142,8 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.ckpt_every < 1 or self.keep_ckpts < 1 or self.max_nonfinite_in_row < 1:
             raise ValueError("train.ckpt_every, keep_ckpts and max_nonfinite_in_row must be >= 1")
+        if self.collective_timeout <= 0:
+            raise ValueError(f"train.collective_timeout must be > 0, got {self.collective_timeout}")
         if self.deepspeed_json is not None and not Path(self.deepspeed_json).is_file():
             raise ValueError(f"train.deepspeed_json {self.deepspeed_json!r} is not a file")
 
