@@ -5,6 +5,7 @@ pretrained weights that the student (and, later, the teachers) load.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -147,12 +148,46 @@ def check_pretrained(folder: Path, arch: str) -> None:
         )
 
 
+def _damaged_file(folder: Path) -> str:
+    """The first file of a model folder that does not open (a JSON file that does not
+    parse, a safetensors file whose header or size is wrong), with the reason; "" if none."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text("utf-8"))
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open API)
+                        f.get_slice(key)
+        except (OSError, ValueError, SafetensorError) as exc:
+            return f"{path}: {exc}"
+    return ""
+
+
+def _load_part(folder: Path, load):
+    """``load()`` of one model of a pretrained folder; a damaged file (truncated weights,
+    broken JSON) raises ValueError naming it instead of the loader's traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except (OSError, ValueError, SafetensorError) as exc:
+        bad = _damaged_file(folder) if folder.is_dir() else ""
+        raise ValueError(f"pretrained folder {folder.parent}: {bad or f'{folder}: {exc}'}") from exc
+
+
 def load_pretrained(folder: str | Path, arch: str, dtype: torch.dtype):
     """(tokenizer, text encoder, UNet, VAE, scheduler) of a diffusers-format SD folder, the
-    UNet checked against ``arch``'s block and context widths (ValueError naming both)."""
+    UNet checked against ``arch``'s block and context widths (ValueError naming both); a
+    damaged file of the folder raises ValueError naming it."""
     folder = Path(folder)
     check_pretrained(folder, arch)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    unet = _load_part(
+        folder / "unet",
+        lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+    )
     want = ARCH_CONFIGS[arch][0]
     for key in ("block_out_channels", "cross_attention_dim"):
         got, exp = unet.config[key], want[key]
@@ -160,8 +195,19 @@ def load_pretrained(folder: str | Path, arch: str, dtype: torch.dtype):
             list(exp) if isinstance(exp, (list, tuple)) else exp
         ):
             raise ValueError(f"{folder}/unet/config.json: {key}={got}, arch {arch} has {exp}")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    vae = _load_part(
+        folder / "vae",
+        lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+    )
+    text = _load_part(
+        folder / "text_encoder",
+        lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
+    )
+    tokenizer = _load_part(
+        folder / "tokenizer", lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    )
+    scheduler = _load_part(
+        folder / "scheduler",
+        lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
     return tokenizer, text, unet, vae, scheduler

@@ -316,6 +316,17 @@ def scatter_consolidated(engine, consolidated: dict) -> None:
         )
         raise KeyError(f"consolidated checkpoint: missing {missing[:5]}, unexpected {extra[:5]}")
     base = engine.optimizer.optimizer
+    # Before its first step the torch optimizer has no state (it creates it lazily) and
+    # ZeRO has not tied the parameters' fragments to it: create the entries, then let ZeRO
+    # tie them (what it does itself after the first step), then fill them in.
+    keys = sorted({k for tensors in saved.values() for k in tensors if k != "fp32"})
+    for flat in (f for g in base.param_groups for f in g["params"]):
+        for key in keys:
+            base.state[flat].setdefault(key, torch.zeros_like(flat))
+        for key, value in consolidated["scalars"].items():
+            base.state[flat][key] = value.clone() if torch.is_tensor(value) else value
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, p in trainable.items():
         for key, value in saved[name].items():
             if key == "fp32":
@@ -324,9 +335,6 @@ def scatter_consolidated(engine, consolidated: dict) -> None:
                     p.copy_(value.to(p.dtype))
             else:
                 safe_set_full_optimizer_state(p, value.to(p.device), key)
-    for flat in (f for g in base.param_groups for f in g["params"]):
-        for key, value in consolidated["scalars"].items():
-            base.state[flat][key] = value.clone() if torch.is_tensor(value) else value
     for group, saved_group in zip(base.param_groups, consolidated["param_groups"]):
         group.update(saved_group)
 

@@ -21,8 +21,19 @@ from renderers.volume import VolumeConfig
 
 
 def read_prompt_lines(path: str | Path, what: str) -> list[str]:
-    """The non-blank lines of a text file, stripped; ValueError naming ``what`` if none."""
-    prompts = [s.strip() for s in Path(path).read_text().splitlines() if s.strip()]
+    """The non-blank lines of a UTF-8 text file, stripped; ValueError naming ``what`` if
+    none, or the file and line of bytes that are not UTF-8."""
+    prompts = []
+    for i, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{what} {path}:{i}: bytes that are not UTF-8 ({raw[exc.start : exc.end]!r} at "
+                f"column {exc.start + 1}); save the file as UTF-8"
+            ) from None
+        if line:
+            prompts.append(line)
     if not prompts:
         raise ValueError(f"{what} {path} holds no prompts")
     return prompts

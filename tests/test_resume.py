@@ -43,12 +43,12 @@ def test_one_rank_to_two_to_one_with_a_damaged_latest(tmp_path, capsys):
     run_dir = tmp_path / "run"
     extra = (*RUN[len(TINY) :], *LR_ZERO_FROM_3)
     train_mod.train(tiny_cfg(*extra, "train.steps=2"), run_dir)
+    one_rank = [saved(run_dir, 2, "trainer_rank0.pt")["stream"]]  # pruned later (keep 2)
     run(
         torchrun(*STANDALONE_2, "-m", "prd") + prd_train(run_dir, *LR_ZERO_FROM_3, "train.steps=4"),
         clean_env(),
     )
     assert_same_tensors(export(run_dir, 3), export(run_dir, 2))
-    one_rank = [saved(run_dir, 2, "trainer_rank0.pt")["stream"]]
     for rank in (0, 1):
         state = saved(run_dir, 3, f"trainer_rank{rank}.pt")
         assert state["world_size"] == 2
