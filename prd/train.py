@@ -48,13 +48,25 @@ class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many non-finite losses); checkpoints are intact."""
 
 
+def _resume_value(text: str) -> str:
+    if text != "auto":
+        import argparse
+
+        raise argparse.ArgumentTypeError(
+            f"takes nothing or 'auto', got {text!r} (put key=value overrides before --resume)"
+        )
+    return text
+
+
 def add_arguments(p) -> None:
     p.add_argument("--config", action="append", default=[], help="YAML preset (repeatable)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, exports)")
     p.add_argument(
         "--resume",
         nargs="?",
-        const="yes",
+        const=True,
+        default=False,
+        type=_resume_value,
         help="continue from the run's last whole checkpoint; --resume auto: continue when "
         "there is one, else start (what a restarting launcher passes)",
     )
@@ -62,12 +74,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    resume, overrides = args.resume, list(args.overrides)
-    if resume not in (None, "yes", "auto"):  # `--resume key=value ...`: a plain --resume
-        resume, overrides = "yes", [resume, *overrides]
-    cfg = load(args.config, overrides)
+    cfg = load(args.config, args.overrides)
     try:
-        summary = train(cfg, Path(args.out), resume={None: False, "yes": True}.get(resume, resume))
+        summary = train(cfg, Path(args.out), resume=args.resume)
     except TrainingStopped as exc:
         print(f"prd train: stopped: {exc}")
         return 3

@@ -9,7 +9,7 @@ from launching import RUN, STANDALONE_2, clean_env, prd_train, run, torchrun
 from test_train import TINY, assert_same_tensors, export, load_cfg_of, tiny_cfg
 
 import prd.train as train_mod
-from prd import checkpoint
+from prd import checkpoint, cli
 from prd.distributed import DistInfo
 
 # the learning rate drops to 0 from step 3 on: AdamW then leaves the weights exactly as
@@ -54,6 +54,9 @@ def test_one_rank_to_two_to_one_with_a_damaged_latest(tmp_path, capsys):
         assert state["world_size"] == 2
         assert state["stream"] == dealt_stream(run_dir, rank, 2, one_rank, 1)
 
+    # step 3 is pruned by the end (keep_ckpts 2): what it holds, read now
+    consolidated = saved(run_dir, 3, checkpoint.CONSOLIDATED)["params"]
+    two_ranks = [saved(run_dir, 3, f"trainer_rank{r}.pt")["stream"] for r in (0, 1)]
     ckpt = run_dir / checkpoint.CKPT_DIR
     (victim,) = (ckpt / checkpoint.tag_for(4)).glob("*rank_1*optim_states.pt")
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
@@ -80,11 +83,9 @@ def test_one_rank_to_two_to_one_with_a_damaged_latest(tmp_path, capsys):
     log = capsys.readouterr().err
     assert f"{victim}: " in log and "truncated" in log and "using step 3" in log
     assert (ckpt / (checkpoint.tag_for(4) + ".corrupt") / victim.name).is_file()
-    consolidated = saved(run_dir, 3, checkpoint.CONSOLIDATED)["params"]
     assert consolidated.keys() == seen["gathered"]["params"].keys()
     for name, tensors in consolidated.items():
         assert_same_tensors(tensors, seen["gathered"]["params"][name])
-    two_ranks = [saved(run_dir, 3, f"trainer_rank{r}.pt")["stream"] for r in (0, 1)]
     assert seen["stream"] == dealt_stream(run_dir, 0, 1, two_ranks, 0)
     assert [r["step"] for r in checkpoint.read_metrics(run_dir)] == [1, 2, 3, 4, 5]
 
@@ -98,3 +99,32 @@ def test_damaged_files_are_named(tmp_path):
         (tmp_path / "ckpt" / "step_00000001").mkdir(parents=True)
         checkpoint.write_atomic(tmp_path / "ckpt" / "latest", "step_00000001")
         checkpoint.resumable_step(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args, resume, steps",
+    [
+        ([], False, 3),
+        (["--resume"], True, 3),
+        (["--resume", "auto"], "auto", 3),
+        (["--resume=auto", "train.steps=7"], "auto", 7),
+        (["train.steps=7", "--resume"], True, 7),
+    ],
+)
+def test_resume_flag_forms(monkeypatch, tmp_path, args, resume, steps):
+    got = {}
+
+    def fake_train(cfg, run_dir, resume):
+        got.update(resume=resume, steps=cfg.train.steps)
+        return {"step": 0}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    assert cli.main(["train", "--out", str(tmp_path), *RUN, *args]) == 0
+    assert got == {"resume": resume, "steps": steps}
+
+
+def test_resume_takes_no_other_value(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--out", str(tmp_path), "--resume", "train.steps=7"])
+    assert exit_.value.code == 2
+    assert "put key=value overrides before --resume" in capsys.readouterr().err
