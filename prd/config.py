@@ -65,8 +65,12 @@ class PromptsConfig:
             raise ValueError(f"prompts.file {self.file!r} is not a file")
 
     def resolve(self) -> str | list[str]:
-        """What the prompt stream reads: a curated folder or a list of prompts."""
+        """What the prompt stream reads: a curated folder (its shards checked against
+        its manifest) or a list of prompts."""
         if self.source is not None:
+            from prompts.curate import verify_shards
+
+            verify_shards(self.source)
             return self.source
         if self.file is not None:
             return read_prompt_lines(self.file, "prompts.file")

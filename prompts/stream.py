@@ -66,8 +66,9 @@ class PromptStream:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         if isinstance(source, (str, Path)):
-            from prompts.curate import load_manifest
+            from prompts.curate import load_manifest, verify_shards
 
+            verify_shards(source)  # hashes every shard once: a damaged one fails here
             self._folder = Path(source)
             shards = load_manifest(self._folder)["splits"]["train"]["shards"]
             self._files = [str(self._folder / s["file"]) for s in shards]

@@ -140,3 +140,30 @@ def test_damaged_pretrained_weights_folder(capsys, tmp_path, base_folder, name):
     )  # fmt: skip
     assert status == 2 and str(victim) in err, err
     assert out.read_text() == "written before"
+
+
+def test_damaged_curated_prompt_folder(capsys, tmp_path):
+    """A truncated shard, then a manifest that is not JSON: the stream and prd train name
+    the file and exit 2; the run folder stays as it was."""
+    from prompts.config import CurateConfig
+    from prompts.curate import curate
+    from prompts.stream import PromptStream
+
+    (tmp_path / "p.txt").write_text("".join(f"a red cube number {i}\n" for i in range(40)))
+    cfg = CurateConfig(shards=2, near_dedup=False, tokenizer_cache=str(tmp_path / "tok"))
+    folder = tmp_path / "curated"
+    curate([tmp_path / "p.txt"], folder, cfg)
+    PromptStream(folder, 2)  # whole: reads fine
+    (shard, *_) = sorted(folder.rglob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=f"{shard}: contents differ from the sha256"):
+        PromptStream(folder, 2)
+    run = tmp_path / "run"
+    cfg_file = existing(run / "config.yaml")
+    oracle = ["--config", REPO / "configs/oracle.yaml", "--out", run, "prompts.file=null"]
+    status, err = prd(capsys, "train", *oracle, f"prompts.source={folder}")
+    assert status == 2 and f"{shard}: contents differ" in err
+    (folder / "manifest.json").write_text('{"format": ')
+    status, err = prd(capsys, "train", *oracle, f"prompts.source={folder}")
+    assert status == 2 and f"{folder / 'manifest.json'}: not a readable manifest" in err
+    assert cfg_file.read_text() == "written before"

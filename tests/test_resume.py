@@ -107,7 +107,7 @@ def test_damaged_files_are_named(tmp_path):
         ([], False, 3),
         (["--resume"], True, 3),
         (["--resume", "auto"], "auto", 3),
-        (["--resume=auto", "train.steps=7"], "auto", 7),
+        (["train.steps=7", "--resume=auto"], "auto", 7),
         (["train.steps=7", "--resume"], True, 7),
     ],
 )
