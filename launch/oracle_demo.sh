@@ -20,6 +20,10 @@ if [ ! -d "$BASE" ]; then
   OMP_NUM_THREADS="${OMP_NUM_THREADS:-$NPROC}" "$PYTHON" -m prd tiny-base --out "$BASE"
 fi
 
+# torchrun shares its rendezvous store with the workers; after a restart the new workers
+# then read the dead ones' addresses and fail to connect (measured with torch 2.13, gloo;
+# pytorch/pytorch#135712). A store of its own per restart avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # --resume auto: a rerun (or a restart after a dead rank) continues from the last checkpoint
 OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
   --max-restarts "${MAX_RESTARTS:-2}" -m prd train --config configs/oracle.yaml --out "$RUN" --resume auto

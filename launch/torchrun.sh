@@ -11,6 +11,10 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=launch/python.sh
 source "$REPO/launch/python.sh"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# torchrun shares its rendezvous store with the workers; after a restart the new workers
+# then read the dead ones' addresses and fail to connect (measured with torch 2.13, gloo;
+# pytorch/pytorch#135712). A store of its own per restart avoids it.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 NPROC="${NPROC:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
   --max-restarts "${MAX_RESTARTS:-3}" -m prd train --resume auto "$@"

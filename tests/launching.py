@@ -28,10 +28,15 @@ def torchrun(*args: str) -> list[str]:
 STANDALONE_2 = ("--standalone", "--nproc_per_node", "2")
 
 
-def prd_train(run_dir: Path, *overrides: str) -> list[str]:
-    """``prd train`` arguments of the reference run into ``run_dir`` (--resume auto)."""
+def run_args(run_dir: Path, *overrides: str) -> list[str]:
+    """Config, run folder and overrides of the reference run (what follows ``prd train``)."""
     cfg = ["--config", str(REPO / "configs" / "oracle.yaml"), "--out", str(run_dir)]
-    return ["train", *cfg, "--resume", "auto", *RUN, *overrides]
+    return [*cfg, *RUN, *overrides]
+
+
+def prd_train(run_dir: Path, *overrides: str) -> list[str]:
+    """``prd train --resume auto`` arguments of the reference run into ``run_dir``."""
+    return ["train", *run_args(run_dir, *overrides), "--resume", "auto"]
 
 
 def run(cmd: list[str], env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import STANDALONE_2, clean_env, prd_train, run, torchrun
+from launching import STANDALONE_2, clean_env, prd_train, run, run_args, torchrun
 from test_train import REPO, assert_same_tensors, export
 
 from prd import checkpoint
@@ -30,15 +30,21 @@ def straight(tmp_path_factory) -> Path:
 
 
 def test_kill_9_in_a_save_and_in_training_loses_nothing(straight, tmp_path):
-    """Rank 0 dies while saving step 2 (DeepSpeed's files written, no manifest, latest at
-    1); in the restarted group rank 1 dies at its 3rd batch. torchrun --max-restarts
-    restarts the group twice; the final weights and every step's losses equal the
-    uninterrupted run's."""
+    """launch/torchrun.sh, 2 ranks: rank 0 dies while saving step 2 (DeepSpeed's files
+    written, no manifest, latest at 1); in the restarted group rank 1 dies at its 3rd
+    batch (tests/crash_site plans the kills). torchrun restarts the group twice; the final
+    weights and every step's losses equal the uninterrupted run's."""
     run_dir, marks = tmp_path / "run", tmp_path / "marks"
     marks.mkdir()
-    env = clean_env(PRD_KILLS="save:2:0,batch:3:1", PRD_KILL_MARKS=str(marks))
-    cmd = torchrun(*STANDALONE_2, "--max-restarts", "2", str(REPO / "tests" / "crash_harness.py"))
-    done = run(cmd + prd_train(run_dir), env)
+    env = clean_env(
+        PYTHON=sys.executable,
+        NPROC="2",
+        MAX_RESTARTS="2",
+        PYTHONPATH=str(REPO / "tests" / "crash_site"),
+        PRD_KILLS="save:2:0,batch:3:1",
+        PRD_KILL_MARKS=str(marks),
+    )
+    done = run(["bash", str(REPO / "launch" / "torchrun.sh"), *run_args(run_dir)], env)
     assert sorted(p.name for p in marks.iterdir()) == ["batch-3-1", "save-2-0"]
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 3
     assert_same_tensors(export(run_dir), export(straight))
@@ -117,7 +123,7 @@ def test_slurm_sbatch_under_a_simulated_slurm(straight, tmp_path):
     )
     env.pop("PYTHONPATH")  # the script must find the code through PRD_REPO
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    args = prd_train(Path("runs/slurm"))[1:]  # relative: to the submit directory
+    args = run_args(Path("runs/slurm"))  # relative: to the submit directory
     done = subprocess.run(
         ["bash", str(script), *args],
         env=env,
