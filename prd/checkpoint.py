@@ -196,16 +196,19 @@ def resumable_step(run_dir: Path, log=print) -> int | None:
 
 
 def set_aside_damaged(run_dir: Path, good_step: int) -> None:
-    """Rename checkpoint folders newer than ``good_step`` to ``step_N.corrupt`` (rank 0),
-    and point ``latest`` at ``good_step``: nothing damaged is deleted or reused."""
+    """Rename the checkpoints after ``good_step`` up to ``latest`` (whole once, damaged
+    since: ``resumable_step`` skipped them) to ``step_N.corrupt`` and point ``latest`` at
+    ``good_step`` (rank 0). Nothing damaged is deleted or reused; a folder after ``latest``
+    is an interrupted save, replaced when training saves that step again."""
     ckpt = Path(run_dir) / CKPT_DIR
+    latest = latest_step(run_dir) or 0
     for p in sorted(ckpt.glob("step_*")):
-        if p.name[5:].isdigit() and int(p.name[5:]) > good_step:
+        if p.name[5:].isdigit() and good_step < int(p.name[5:]) <= latest:
             target, n = p.with_name(p.name + ".corrupt"), 1
             while target.exists():
                 target, n = p.with_name(f"{p.name}.corrupt{n}"), n + 1
             os.replace(p, target)
-    if latest_step(run_dir) != good_step:
+    if latest != good_step:
         write_atomic(ckpt / "latest", tag_for(good_step))
 
 
