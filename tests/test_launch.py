@@ -31,8 +31,8 @@ def straight(tmp_path_factory) -> Path:
 
 def test_kill_9_in_a_save_and_in_training_loses_nothing(straight, tmp_path):
     """launch/torchrun.sh, 2 ranks: rank 0 dies while saving step 2 (DeepSpeed's files
-    written, no manifest, latest at 1); in the restarted group rank 1 dies at its 3rd
-    batch (tests/crash_site plans the kills). torchrun restarts the group twice; the final
+    written, no manifest, latest at 1); in the restarted group rank 1 dies as step 3
+    begins (tests/crash_site plans the kills). torchrun restarts the group twice; the final
     weights and every step's losses equal the uninterrupted run's."""
     run_dir, marks = tmp_path / "run", tmp_path / "marks"
     marks.mkdir()
@@ -41,11 +41,11 @@ def test_kill_9_in_a_save_and_in_training_loses_nothing(straight, tmp_path):
         NPROC="2",
         MAX_RESTARTS="2",
         PYTHONPATH=str(REPO / "tests" / "crash_site"),
-        PRD_KILLS="save:2:0,batch:3:1",
+        PRD_KILLS="save:2:0,step:3:1",
         PRD_KILL_MARKS=str(marks),
     )
     done = run(["bash", str(REPO / "launch" / "torchrun.sh"), *run_args(run_dir)], env)
-    assert sorted(p.name for p in marks.iterdir()) == ["batch-3-1", "save-2-0"]
+    assert sorted(p.name for p in marks.iterdir()) == ["save-2-0", "step-3-1"]
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 3
     assert_same_tensors(export(run_dir), export(straight))
     got, ref = checkpoint.read_metrics(run_dir), checkpoint.read_metrics(straight)

@@ -3,14 +3,14 @@
 Python imports ``sitecustomize`` at start-up from its path, so with this folder on
 PYTHONPATH every rank a launcher starts (launch/torchrun.sh, unchanged) gets the plan:
 
-    PYTHONPATH=tests/crash_site PRD_KILLS="save:2:0,batch:5:1" PRD_KILL_MARKS=DIR \
+    PYTHONPATH=tests/crash_site PRD_KILLS="save:2:0,step:3:1" PRD_KILL_MARKS=DIR \
         bash launch/torchrun.sh --config ... --out ...
 
 ``save:S:R``: rank R kills itself with SIGKILL while saving the checkpoint of step S,
 after DeepSpeed wrote its files and before the manifest and ``latest`` are written.
-``batch:N:R``: rank R kills itself when it asks the prompt stream for its N-th batch (in
-the middle of training). Each kill happens once: a file in PRD_KILL_MARKS records it, so
-the restarted group runs through.
+``step:S:R``: rank R kills itself as training step S (1-based) begins (its ramps, the
+learning rate first, are read with the step's index). Each kill happens once: a file in
+PRD_KILL_MARKS records it, so the restarted group runs through.
 """
 
 import os
@@ -32,7 +32,7 @@ def kill_once(kind: str, at: int) -> None:
 
 def install() -> None:
     from prd import checkpoint
-    from prompts.stream import PromptStream
+    from prd.losses import Ramp
 
     real_consolidate = checkpoint.consolidate
     saving = {"step": 0}
@@ -48,17 +48,15 @@ def install() -> None:
         saving["step"] = step
         real_save(engine, run_dir, step, rank, trainer_state)
 
-    real_next = PromptStream.next_batch
-    calls = {"n": 0}
+    real_at = Ramp.at
 
-    def next_batch(self):
-        calls["n"] += 1
-        kill_once("batch", calls["n"])
-        return real_next(self)
+    def at(self, step):  # every training step reads its ramps (lr first) with its index
+        kill_once("step", step + 1)
+        return real_at(self, step)
 
     checkpoint.consolidate = consolidate
     checkpoint.save_training_state = save_training_state
-    PromptStream.next_batch = next_batch
+    Ramp.at = at
 
 
 if PLAN and RANK >= 0:
