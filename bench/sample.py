@@ -36,7 +36,7 @@ def peak_rss_gib() -> float:
 
 
 def bench_config(path: str, grids: list[int], repeats: int, prompt: str) -> list[dict]:
-    cfg = load([path], ["student.pretrained=null"])
+    cfg = load([path], ["student.pretrained=null", "student.allow_random_sd21=true"])
     t0 = time.perf_counter()
     model = build_model(cfg, seed=cfg.train.seed).eval()
     build_s = time.perf_counter() - t0

@@ -1,33 +1,29 @@
 """What an SD base is: the in-code architectures (SD 2.1-base and a tiny one at CPU size),
-SD's training schedule, its prompt encoding, and the diffusers-format folder of
-pretrained weights that the student (and, later, the teachers) load.
+SD's training schedule, and the checks of a diffusers-format folder of pretrained weights
+that the student loads (the folder's format, prompt encoding and loading live with the SD
+teacher, ``teachers.sd``, which reads the same folders).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from teachers.sd import TEXT_LENGTH, check_sd_folder, encode_prompts, load_parts
+
+__all__ = [
+    "ARCHS",
+    "ARCH_CONFIGS",
+    "TEXT_LENGTH",
+    "check_pretrained",
+    "encode_prompts",
+    "load_pretrained",
+    "sd_scheduler",
+]
 
 ARCHS = ("tiny", "sd21")
-TEXT_LENGTH = 77
-# Files of a diffusers-format SD folder that the student reads; "a | b": either one (the
-# hub's folders carry vocab.json + merges.txt, transformers 5 saves tokenizer.json).
-PRETRAINED_FILES = (
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/vocab.json | tokenizer/tokenizer.json",
-    "tokenizer/merges.txt | tokenizer/tokenizer.json",
-    "scheduler/scheduler_config.json",
-)
 
 
 # stabilityai/stable-diffusion-2-1-base unet/config.json (architecture keys).
@@ -113,101 +109,25 @@ def sd_scheduler() -> DDPMScheduler:
     )
 
 
-@torch.no_grad()
-def encode_prompts(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
-) -> torch.Tensor:
-    """prompts -> (B, 77, C_text) last hidden states, padded and truncated to 77 tokens as
-    SD conditions on them; on the text encoder's device."""
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=TEXT_LENGTH,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device)).last_hidden_state
-
-
 def check_pretrained(folder: Path, arch: str) -> None:
     """FileNotFoundError naming the folder, or the files it lacks, unless ``folder`` is a
-    complete diffusers-format SD folder (``PRETRAINED_FILES``)."""
-    if not folder.is_dir():
-        hint = f"; `prd tiny-base --out {folder}` builds one" if arch == "tiny" else ""
-        raise FileNotFoundError(
-            f"student.pretrained: no folder {folder}{hint}; a diffusers-format "
-            f"stable-diffusion-2-1-base folder has: {list(PRETRAINED_FILES)}"
-        )
-    missing = [
-        f for f in PRETRAINED_FILES if not any((folder / a).is_file() for a in f.split(" | "))
-    ]
-    if missing:
-        raise FileNotFoundError(
-            f"pretrained SD folder {folder} is missing {missing}; a diffusers-format "
-            f"stable-diffusion-2-1-base folder has: {list(PRETRAINED_FILES)}"
-        )
-
-
-def _damaged_file(folder: Path) -> str:
-    """The first file of a model folder that does not open (a JSON file that does not
-    parse, a safetensors file whose header or size is wrong), with the reason; "" if none."""
-    from safetensors import SafetensorError, safe_open
-
-    for path in sorted(folder.iterdir()):
-        try:
-            if path.suffix == ".json":
-                json.loads(path.read_text("utf-8"))
-            elif path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt") as f:
-                    for key in f.keys():  # noqa: SIM118 (safe_open API)
-                        f.get_slice(key)
-        except (OSError, ValueError, SafetensorError) as exc:
-            return f"{path}: {exc}"
-    return ""
-
-
-def _load_part(folder: Path, load):
-    """``load()`` of one model of a pretrained folder; a damaged file (truncated weights,
-    broken JSON) raises ValueError naming it instead of the loader's traceback."""
-    from safetensors import SafetensorError
-
-    try:
-        return load()
-    except (OSError, ValueError, SafetensorError) as exc:
-        bad = _damaged_file(folder) if folder.is_dir() else ""
-        raise ValueError(f"pretrained folder {folder.parent}: {bad or f'{folder}: {exc}'}") from exc
-
-
-def load_pretrained(folder: str | Path, arch: str, dtype: torch.dtype):
-    """(tokenizer, text encoder, UNet, VAE, scheduler) of a diffusers-format SD folder, the
-    UNet checked against ``arch``'s block and context widths (ValueError naming both); a
-    damaged file of the folder raises ValueError naming it."""
+    complete diffusers-format SD folder (``teachers.sd.SD_FOLDER_FILES``); ValueError
+    unless its UNet config has ``arch``'s block and context widths. Reads no weights."""
     folder = Path(folder)
-    check_pretrained(folder, arch)
-    unet = _load_part(
-        folder / "unet",
-        lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-    )
+    hint = f"; `prd tiny-base --out {folder}` builds one" if arch == "tiny" else ""
+    check_sd_folder(folder, "student.pretrained", hint)
+    config = UNet2DConditionModel.load_config(folder, subfolder="unet")
     want = ARCH_CONFIGS[arch][0]
     for key in ("block_out_channels", "cross_attention_dim"):
-        got, exp = unet.config[key], want[key]
+        got, exp = config[key], want[key]
         if (list(got) if isinstance(got, (list, tuple)) else got) != (
             list(exp) if isinstance(exp, (list, tuple)) else exp
         ):
             raise ValueError(f"{folder}/unet/config.json: {key}={got}, arch {arch} has {exp}")
-    vae = _load_part(
-        folder / "vae",
-        lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
-    )
-    text = _load_part(
-        folder / "text_encoder",
-        lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
-    )
-    tokenizer = _load_part(
-        folder / "tokenizer", lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    )
-    scheduler = _load_part(
-        folder / "scheduler",
-        lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
-    )
-    return tokenizer, text, unet, vae, scheduler
+
+
+def load_pretrained(folder: str | Path, arch: str, dtype: torch.dtype):
+    """(tokenizer, text encoder, UNet, VAE, scheduler) of a diffusers-format SD folder,
+    after ``check_pretrained``."""
+    check_pretrained(Path(folder), arch)
+    return load_parts(folder, dtype, "student.pretrained")

@@ -3,7 +3,8 @@
 The student's batch is object-major: sample n is plane ``n % planes`` of object
 ``n // planes``. The processor reshapes the tokens of an object's planes into one sequence,
 ``(B*P, L, C) -> (B, P*L, C)``, attends over it and splits it back, so every plane sees the
-other planes of its object and no other object (DESIGN: 6 x 1024 = 6144 tokens at the 32x32
+other planes of its object and no other object (docs/reference.md: 6 x 1024 = 6144 tokens
+at the 32x32
 level of SD 2.1). Cross-attention (attn2) keeps diffusers' per-sample processor.
 
 The q/k/v/out projections are called on the per-plane ``(B*P, L, C)`` layout, so the

@@ -1,4 +1,4 @@
-"""Dual rendering (DESIGN "Dual rendering"): the volume and mesh branches of one progressive
+"""Dual rendering (docs/rendering.md): the volume and mesh branches of one progressive
 step, each turned into the ``teachers.base.Views`` that the teachers score.
 
 Volume branch: NeuS in patch mode; the coarse global grid is upsampled to the full ray
@@ -7,7 +7,7 @@ which the patch carries sharp gradients). Its colour gradient is scaled by a dec
 factor; its per-sample SDF gradients feed the eikonal loss, its opacity the sparsity loss.
 
 Mesh branch: marching cubes on the deformable grid, rasterized RGB / mask / depth /
-normals; SDF gradients arriving through it are scaled (DESIGN: 0.001).
+normals; SDF gradients arriving through it are scaled (docs/reference.md, "Mesh branch": 0.001).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def volume_branch(
     background: torch.Tensor,
     color_grad_scale: float,
 ) -> BranchOut:
-    """NeuS patch render of B objects -> Views at cfg.resolution, plus eikonal/sparsity."""
+    """NeuS patch render of B objects -> Views at cfg.resolution, plus eikonal/sparsity.
+    background: an RGB colour (3,) or a learned background (``LearnedBackground.bind``)."""
     vol = render_views(
         field, cameras, cfg, views_per_object, generator, mode="patch", background=background
     )
@@ -105,12 +106,15 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
     """Marching cubes (grid^3, differentiable vertices) + rasterized views -> Views.
 
     SDF and deformation gradients arriving through the vertices are scaled by
-    cfg.grad_scale (DESIGN: 0.001); the texture field's gradient is not. An object whose
-    SDF has no zero crossing renders as background (empty mesh)."""
+    cfg.grad_scale (docs/reference.md: 0.001); the texture field's gradient is not. An object whose
+    SDF has no zero crossing gets the reference's repaired surface (cfg.repair_empty) or
+    renders as background; ``empty_meshes`` counts them either way."""
     n_obj = len(field)
     with torch.no_grad():
         values = evaluate_grid(field, grid, n_objects=n_obj, deformation=False)
-    meshes = extract_surface(field, grid, n_objects=n_obj, grid=values, with_grad=True)
+    meshes = extract_surface(
+        field, grid, n_objects=n_obj, grid=values, with_grad=True, repair_empty=cfg.repair_empty
+    )
     verts = [scale_grad(m.verts, cfg.grad_scale) for m in meshes]
     faces = [m.faces for m in meshes]
     out = render_mesh(
@@ -120,7 +124,7 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
         cameras,
         cfg.resolution,
         get_backend(cfg.backend),
-        background=tuple(float(c) for c in background),
+        background=background if callable(background) else tuple(float(c) for c in background),
     )
     cover = out.mask.clamp_min(1e-4)
     depth = out.far - out.depth / cover * (out.far - out.near)
@@ -132,4 +136,6 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
         cameras=cameras,
         views_per_object=len(cameras) // n_obj,
     )
-    return BranchOut(views, {"empty_meshes": torch.tensor(float(sum(m.empty for m in meshes)))})
+    return BranchOut(
+        views, {"empty_meshes": torch.tensor(float(sum(m.empty or m.repaired for m in meshes)))}
+    )

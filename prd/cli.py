@@ -1,5 +1,5 @@
-"""The ``prd`` command: ``prd train``, ``prd sample``, ``prd params``, ``prd tiny-base``,
-``prd prompts``.
+"""The ``prd`` command: ``prd train``, ``prd sample``, ``prd eval``, ``prd params``,
+``prd tiny-base``, ``prd convert``, ``prd prompts``.
 
 Each subcommand's module adds its own arguments (``add_arguments``) and runs it (``run``).
 Only the module of the command being run is imported (torch and diffusers take seconds
@@ -35,6 +35,18 @@ def _tiny_base():
     return tiny_base
 
 
+def _convert():
+    from prd import convert
+
+    return convert
+
+
+def _eval():
+    from prd import eval_cmd
+
+    return eval_cmd
+
+
 def _params():
     from prd import params_cmd
 
@@ -44,8 +56,10 @@ def _params():
 COMMANDS = (
     ("train", "distill a student with its teachers (DeepSpeed)", _train),
     ("sample", "turn prompts into mesh files with a trained student", _sample),
+    ("eval", "score meshes of a prompt set: CLIP score, R@1 (the paper's protocol)", _eval),
     ("params", "count trainable and frozen parameters (no weights loaded)", _params),
     ("tiny-base", "pretrain the tiny SD in code (the embedded default's base)", _tiny_base),
+    ("convert", "original MVDream / ND-MV checkpoint -> diffusers folder", _convert),
 )
 """(name, help, module loader): each module has add_arguments(parser) and run(args)."""
 

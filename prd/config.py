@@ -1,5 +1,5 @@
 """The typed config of a PRD run: every section's defaults are the reference's numbers
-(DESIGN "Facts"); presets in configs/ are thin YAML overlays on top.
+(docs/reference.md); presets in configs/ are thin YAML overlays on top.
 
     cfg = load(["configs/oracle.yaml"], ["train.steps=10"])
 """
@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prd.background import BackgroundConfig
 from prd.configio import load_config
 from prd.losses import Ramp
 from prd.student import StudentConfig
@@ -109,7 +110,7 @@ class TrainConfig:
     after a NaN/Inf loss or gradient (so not 0); ZeRO-3 releases the field MLP's weights
     before the volume renderer's double backward (normals, eikonal) runs, so not 3."""
     precision: str = "fp32"
-    """"fp32" or "bf16" (GPU); CPUs here lack fast bf16 (DESIGN, "Traps")."""
+    """"fp32" or "bf16" (GPU); CPUs here lack fast bf16 (docs/distributed.md, "CPU notes")."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu" or "cuda"."""
     seed: int = 0
@@ -124,7 +125,8 @@ class TrainConfig:
     volume_color_grad: Ramp = field(default_factory=lambda: Ramp(1.0, 0.01, 20000))
     """Scale of the colour gradient through the volume branch (reference: 1 -> 0.01)."""
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    """Background colour behind renders (the teachers see the same)."""
+    """Constant background colour behind renders when background.learned is off; oracle
+    teachers render their truth over it."""
     log_every: int = 10
     """Scalars to TensorBoard every N steps."""
     image_every: int = 200
@@ -140,8 +142,19 @@ class TrainConfig:
     collective_timeout: float = 1800.0
     """Seconds a collective (all-reduce, barrier) waits for the other ranks before the run
     fails, instead of hanging when a rank died unnoticed (torch's default is 30 min)."""
+    # validation under ``prd eval``'s protocol (prd.evaluate.TrainingEval)
+    eval_every: int = 0
+    """Sample and score eval_prompts every N steps (CLIP score, R@1; 0 disables)."""
+    eval_prompts: list[str] = field(default_factory=list)
+    """Validation prompts, distinct; oracle prompts also get Chamfer, colour error, IoU."""
+    eval_clip: str | None = None
+    """Local transformers CLIPModel folder for eval_every (the paper's: ViT-B/32)."""
 
     def __post_init__(self):
+        if self.eval_every < 0 or (self.eval_every and not (self.eval_prompts and self.eval_clip)):
+            raise ValueError("train.eval_every >= 1 needs train.eval_prompts and train.eval_clip")
+        if len(set(self.eval_prompts)) != len(self.eval_prompts):
+            raise ValueError(f"train.eval_prompts must be distinct, got {self.eval_prompts}")
         for name in ("steps", "batch_size", "grad_accum", "progressive_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -159,6 +172,8 @@ class TrainConfig:
             raise ValueError("train.ckpt_every, keep_ckpts and max_nonfinite_in_row must be >= 1")
         if self.collective_timeout <= 0:
             raise ValueError(f"train.collective_timeout must be > 0, got {self.collective_timeout}")
+        if not all(0.0 <= c <= 1.0 for c in self.background):
+            raise ValueError(f"train.background must be 3 values in [0, 1], got {self.background}")
         if self.deepspeed_json is not None and not Path(self.deepspeed_json).is_file():
             raise ValueError(f"train.deepspeed_json {self.deepspeed_json!r} is not a file")
 
@@ -196,6 +211,7 @@ class Config:
     mesh: MeshRenderConfig = dataclasses.field(default_factory=MeshRenderConfig)
     mesh_grid: int = 128
     """Marching-cubes grid points per axis in training (reference: 128)."""
+    background: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
     teachers: TeachersConfig = dataclasses.field(default_factory=TeachersConfig)
     prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

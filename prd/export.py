@@ -135,7 +135,8 @@ def simplify(verts, faces, colors, max_faces: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _to_uint8(colors: np.ndarray) -> np.ndarray:
-    return np.round(colors * 255.0).astype(np.uint8)
+    # clipped: the reference's colour activation reaches 0.001 past [0, 1]
+    return np.round(np.clip(colors, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _homogeneous(rotation: np.ndarray) -> np.ndarray:

@@ -5,22 +5,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prd.background import LearnedBackground
 from prd.student import PRDStudent, build_student
 from prd.triplane import FieldConfig, FieldDecoder, TriplaneField
 
 
 class PRDModel(nn.Module):
-    """Student (text -> per-plane x0 latents -> triplanes) and the field MLPs.
+    """Student (text -> per-plane x0 latents -> triplanes), the field MLPs and, when
+    learned, the background.
 
     ``forward`` is one progressive step of the student: noised plane latents in, the clean
     latent estimate and the two triplanes out. The MLPs are applied later, by the renderers,
-    through ``field``.
+    through ``field``; the background by both render branches, through ``backdrop``.
     """
 
-    def __init__(self, student: PRDStudent, decoder: FieldDecoder):
+    def __init__(
+        self,
+        student: PRDStudent,
+        decoder: FieldDecoder,
+        background: LearnedBackground | None = None,
+    ):
         super().__init__()
         self.student = student
         self.decoder = decoder
+        self.background = background
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
         """z_t (B*P, 4, h, w), t (B*P,) long, text (B, L, C) ->
@@ -31,6 +39,15 @@ class PRDModel(nn.Module):
 
     def field(self, geometry: torch.Tensor, texture: torch.Tensor) -> TriplaneField:
         return self.decoder.bind(geometry, texture)
+
+    def backdrop(self, prompts: list[str], text: torch.Tensor, constant: torch.Tensor):
+        """What the renders of ``prompts`` (text: their (B, L, C) token states) are
+        composited over: the learned background bound to the prompts' pooled embeddings
+        (the state at each end-of-text token, CLIP's pooled output), else ``constant``."""
+        if self.background is None:
+            return constant
+        eos = self.student.eos_positions(prompts).to(text.device)
+        return self.background.bind(text[torch.arange(len(prompts), device=text.device), eos])
 
 
 def build_model(cfg, device=None, dtype=torch.float32, seed: int | None = None) -> PRDModel:
@@ -57,8 +74,10 @@ def build_model(cfg, device=None, dtype=torch.float32, seed: int | None = None) 
         )
     # trainable parameters stay fp32 whatever the frozen base's dtype
     decoder = FieldDecoder(field_cfg)
-    if device is not None and str(device) != "meta":
+    background = None
+    if cfg.background.learned:
+        background = LearnedBackground(cfg.background, student.text_dim)
+    if device is not None:
         decoder = decoder.to(device)
-    elif str(device) == "meta":
-        decoder = decoder.to("meta")
-    return PRDModel(student, decoder)
+        background = background.to(device) if background is not None else None
+    return PRDModel(student, decoder, background)

@@ -12,7 +12,7 @@ Parts (each switchable, all of rank ``rank``; base weights stay frozen):
 
 Why the plane LoRA is our own module and not peft: peft's per-sample ``adapter_names=``
 refuses training mode, and switching adapters with ``set_adapter`` in a loop over planes
-turns off requires_grad of the other adapters (DESIGN, "Traps"). ``PlaneLoRALinear`` holds
+turns off requires_grad of the other adapters (docs/architecture.md). ``PlaneLoRALinear`` holds
 all planes' factors in two tensors and routes by the sample's position in the batch, so one
 batched forward trains all planes with no mutable routing state (safe under gradient
 checkpointing and DeepSpeed). The shared adapters use peft's LoRA layers unchanged.
@@ -31,15 +31,17 @@ Size for SD 2.1-base at rank 16 (meta-device count, ``prd.student.count_paramete
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from prd.attention import set_joint_attention
+from prd.attention import JointPlaneAttnProcessor, set_joint_attention
 
 ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -82,13 +84,15 @@ class PlaneLoRALinear(nn.Module):
     y[n] = base(x[n]) + (alpha / rank) * B[p] @ A[p] @ x[n] with p = n % planes.
     A: (P, rank, in), Kaiming-uniform per plane like peft; B: (P, out, rank), zero, so a
     new adapter leaves the base output unchanged. The factors are created in fp32 on the
-    base weight's device, whatever the base dtype.
+    base weight's device, whatever the base dtype. With ``enabled`` False the layer is its
+    base (``base_model``).
     """
 
     def __init__(self, base: nn.Linear, planes: int, rank: int, alpha: float):
         super().__init__()
         self.base = base
         self.planes, self.rank, self.scaling = planes, rank, alpha / rank
+        self.enabled = True
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(planes, rank, base.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(planes, base.out_features, rank, device=dev))
@@ -98,6 +102,8 @@ class PlaneLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, ..., in) with N a multiple of planes -> (N, ..., out)."""
         y = self.base(x)
+        if not self.enabled:
+            return y
         n = x.shape[0]
         if n % self.planes:
             raise ValueError(f"PlaneLoRALinear: batch {n} is not a multiple of {self.planes}")
@@ -218,3 +224,40 @@ def peta_parameter_groups(
         "vae_conv_lora": adapter_params(vae_decoder, added.vae_conv_lora),
         "vae_attn_lora": adapter_params(vae_decoder, added.vae_attn_lora),
     }
+
+
+@contextmanager
+def base_model(unet: nn.Module) -> Iterator[nn.Module]:
+    """Run a PETA UNet as its pretrained base inside the block: every adapter off (plane
+    LoRA, peft LoRA / LoCon) and each joint-plane self-attention back to diffusers' default
+    processor (any batch size), as the model was loaded. On exit the adapters, processors
+    and every parameter's requires_grad are restored exactly (peft's switch also clears
+    requires_grad of the adapters it turns off).
+
+    A frozen teacher that shares the student's base weights calls the UNet in here.
+    """
+    planes = [m for m in unet.modules() if isinstance(m, PlaneLoRALinear)]
+    peft_layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    was_enabled = [m.enabled for m in planes]
+    was_disabled = [m.disable_adapters for m in peft_layers]
+    requires_grad = [(p, p.requires_grad) for p in unet.parameters()]
+    processors = unet.attn_processors
+    base = {
+        name: AttnProcessor2_0() if isinstance(proc, JointPlaneAttnProcessor) else proc
+        for name, proc in processors.items()
+    }
+    try:
+        for m in planes:
+            m.enabled = False
+        for m in peft_layers:
+            m.enable_adapters(False)
+        unet.set_attn_processor(base)
+        yield unet
+    finally:
+        for m, enabled in zip(planes, was_enabled):
+            m.enabled = enabled
+        for m, disabled in zip(peft_layers, was_disabled):
+            m.enable_adapters(not disabled)
+        unet.set_attn_processor(processors)
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)

@@ -159,8 +159,8 @@ def _check_writable(folder: Path) -> None:
 
 
 def _jobs(args, cfg: Config) -> list[tuple[str, Path]]:
-    """(prompt, output path) pairs, checked before the model is built. Several prompts with
-    one slug get "-2", "-3", ... suffixes so no file overwrites another."""
+    """(prompt, output path) pairs, checked before the model is built; file names from
+    ``file_names``."""
     out = Path(args.out)
     if out.suffix and out.suffix.lower() not in SUFFIXES:
         raise ValueError(f"--out {out}: a mesh file must end in one of {SUFFIXES}")
@@ -175,14 +175,21 @@ def _jobs(args, cfg: Config) -> list[tuple[str, Path]]:
     if not path.is_file():
         raise FileNotFoundError(f"--prompts-file {path}: no such file")
     prompts = read_prompt_lines(path, "--prompts-file")
-    jobs, seen = [], {}
+    jobs = [(p, out / f"{n}.{cfg.sample.format}") for p, n in zip(prompts, file_names(prompts))]
+    _check_writable(out)
+    return jobs
+
+
+def file_names(prompts: list[str]) -> list[str]:
+    """The file stem of each prompt's mesh: its slug, with "-2", "-3", ... for later prompts
+    of an earlier prompt's slug, so no file overwrites another (``prd eval`` finds meshes
+    and names its view folders by these)."""
+    names, seen = [], {}
     for prompt in prompts:
         slug = slugify(prompt)
         seen[slug] = seen.get(slug, 0) + 1
-        name = slug if seen[slug] == 1 else f"{slug}-{seen[slug]}"
-        jobs.append((prompt, out / f"{name}.{cfg.sample.format}"))
-    _check_writable(out)
-    return jobs
+        names.append(slug if seen[slug] == 1 else f"{slug}-{seen[slug]}")
+    return names
 
 
 def run(args) -> int:

@@ -6,19 +6,21 @@ in batch order within an object:
 
     0 geo_xy   1 geo_xz   2 geo_yz   3 tex_xy   4 tex_xz   5 tex_yz
 
-The plane named "ab" spans world axes (a, b) (world: right-handed, +z up): its width
-(last tensor dim, left to right) runs along a and its height (rows, top to bottom) along b,
-i.e. ``grid_sample`` coordinates (p_a, p_b) / bound with align_corners=True, as
-``prd.triplane.PLANE_AXES`` = ((0, 1), (0, 2), (1, 2)) samples them.
+The plane named "ab" spans world axes (a, b) (world: right-handed, +z up). Which way
+its width (last tensor dim) and rows run is ``field.plane_orientation``
+(``prd.triplane.orient_planes``): the reference's "v1" makes each plane an upright picture
+(xy: width +y, rows +x; xz: width -x, rows -z; yz: width +y, rows -z); with "fixed" the
+width runs along +a and the rows along +b, as ``prd.triplane.PLANE_AXES`` samples them.
 
 The VAE decoder's conv_out is replaced by a new conv of block_out_channels[0] -> 2C
 channels (128 -> 64 for SD 2.1, PyTorch's default Kaiming-uniform init); geometry planes
-keep channels [0:C] and texture planes [C:2C] (DESIGN, "Student").
+keep channels [0:C] and texture planes [C:2C] (docs/reference.md, "Student").
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -29,11 +31,12 @@ from prd.arch import (
     ARCH_CONFIGS,
     ARCHS,
     TEXT_LENGTH,
+    check_pretrained,
     encode_prompts,
     load_pretrained,
     sd_scheduler,
 )
-from prd.peta import PetaConfig, PetaModules, apply_peta, peta_parameter_groups
+from prd.peta import PetaConfig, PetaModules, apply_peta, base_model, peta_parameter_groups
 from prompts.tokenizer import build_clip_tokenizer
 
 
@@ -47,6 +50,9 @@ class StudentConfig:
     arch: str = "sd21"
     """In-code architecture: "tiny" (CPU tests) or "sd21" (stable-diffusion-2-1-base);
     with `pretrained` set, the loaded UNet must match its block and context widths."""
+    allow_random_sd21: bool = False
+    """Build arch sd21 with random weights when `pretrained` is None (benchmarks); without
+    it an sd21 student needs `pretrained`, as the method starts from SD 2.1-base."""
     lora_rank: int = 16
     """Rank of every PETA adapter (reference: 16)."""
     lora_alpha: float = 16.0
@@ -177,9 +183,26 @@ class PRDStudent(nn.Module):
     def text_dim(self) -> int:
         return self.text_encoder.config.hidden_size
 
+    def base_unet(self):
+        """Context manager: inside it ``self.unet`` is the pretrained UNet, adapters off
+        (``prd.peta.base_model``); a teacher sharing the base weights calls it there."""
+        return base_model(self.unet)
+
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """prompts -> (B, 77, C_text) last hidden states of the frozen text encoder."""
         return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+
+    def eos_positions(self, prompts: list[str]) -> torch.Tensor:
+        """(B,) int64: where each prompt's end-of-text token sits among the 77 tokens of
+        ``encode_text`` (CLIP's pooled output is the final state there)."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=TEXT_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return (ids == self.tokenizer.eos_token_id).int().argmax(dim=1)
 
     def text_encoder_id(self) -> str:
         """Names this text encoder for an embedding cache: arch, weights folder and a
@@ -226,6 +249,20 @@ class PRDStudent(nn.Module):
         return feats[:, :3, :c], feats[:, 3:, c:]
 
 
+def check_base(cfg: StudentConfig) -> None:
+    """Fail before any weights load: the pretrained folder is complete and fits the arch
+    (FileNotFoundError / ValueError naming path and files), or, without one, the arch is
+    tiny or a random sd21 was asked for (``allow_random_sd21``)."""
+    if cfg.pretrained is not None:
+        check_pretrained(Path(cfg.pretrained), cfg.arch)
+    elif cfg.arch == "sd21" and not cfg.allow_random_sd21:
+        raise ValueError(
+            "student.pretrained is not set: point it at a local diffusers-format "
+            "stable-diffusion-2-1-base folder, or set student.allow_random_sd21=true to "
+            "build SD 2.1 with random weights"
+        )
+
+
 def build_student(
     cfg: StudentConfig, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> PRDStudent:
@@ -233,7 +270,10 @@ def build_student(
 
     device="meta" builds shapes only (parameter counting, no memory); random init then
     uses the global torch RNG. With cfg.pretrained the weights are read from that folder.
+    An sd21 student with random weights needs cfg.allow_random_sd21 (``check_base``).
     """
+    if torch.device(device or "cpu").type != "meta":
+        check_base(cfg)
     if cfg.pretrained is not None:
         if torch.device(device or "cpu").type == "meta":
             raise ValueError("device='meta' builds the in-code arch; set pretrained=None")

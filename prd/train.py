@@ -12,13 +12,14 @@ One optimizer step, for each micro-batch of prompts:
         (K x grad_accum), which is the paper's 1/K; x0 is detached for step k + 1
   3. one optimizer step (DeepSpeed at the accumulation boundary), at the step's learning
      rate train.lr x train.lr_scale (set before the step's first backward)
-then logging and checkpoints. Nothing else runs per step.
+then logging, evaluation (train.eval_every) and checkpoints. Nothing else runs per step.
 
 Besides TensorBoard (``RUN/tb``), rank 0 appends one JSON object a line per step to
 ``RUN/metrics.jsonl``: ``{"step", "loss", "losses", "grad_norm", "lr", "seconds",
 "nonfinite_total"}``; a non-finite value is written as ``NaN`` / ``Infinity`` (Python's
 ``json`` reads them). A resumed run first drops the lines past its checkpoint's step, so
-the file always holds one line per step of the run's history.
+the file always holds one line per step of the run's history. Every train.eval_every
+steps the line also holds ``"eval"``: the scores of ``prd.evaluate.TrainingEval``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from prd import checkpoint, distributed
 from prd.branches import mesh_branch, volume_branch
 from prd.config import Config, TrainConfig, load
 from prd.configio import load_config_text, to_dict, to_yaml
+from prd.evaluate import TrainingEval
 from prd.logs import RunLogger
 from prd.model import PRDModel, build_model
 from prd.progressive import add_noise, progressive_timesteps
-from prd.teacher_setup import build_teachers
+from prd.student import check_base
+from prd.teacher_setup import StudentBase, build_teachers, check_teachers
 from prd.weights import save_weights
 from prompts.embed_cache import EmbeddingCache
 from prompts.stream import PromptStream
@@ -139,7 +142,10 @@ def make_optimizer(cfg: Config, params):
     if t.optimizer == "adan":
         from pytorch_optimizer import Adan
 
-        return Adan(params, lr=t.lr, weight_decay=t.weight_decay)
+        # the reference's Adan: betas (0.98, 0.92, 0.99), eps 1e-15 (the library's is 1e-8)
+        return Adan(
+            params, lr=t.lr, betas=(0.98, 0.92, 0.99), eps=1e-15, weight_decay=t.weight_decay
+        )
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -168,6 +174,7 @@ def check_resumable(saved_yaml: str, cfg: Config, run_dir: Path) -> None:
     """A resumed run must be the same run: only train.steps and logging may change."""
     saved = load_config_text(Config, saved_yaml)
     free = ("steps", "log_every", "image_every", "ckpt_every", "keep_ckpts", "collective_timeout")
+    free += ("eval_every", "eval_prompts", "eval_clip")  # evaluation leaves training alone
     for name in free:
         setattr(saved.train, name, getattr(cfg.train, name))
     old, new = _flat(to_dict(saved)), _flat(to_dict(cfg))
@@ -203,14 +210,37 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool | str) -> int | None:
     return checkpoint.resumable_step(run_dir, log=distributed.log_main)
 
 
+def encode_text(model: PRDModel, cache: EmbeddingCache | None, prompts, device) -> torch.Tensor:
+    """(B, 77, C) embeddings of the student's frozen text encoder, through the cache if any."""
+    if cache is None:
+        return model.student.encode_text(prompts)
+    return cache.get_or_compute(prompts, model.student.encode_text).to(device)
+
+
+def student_base(model: PRDModel, cfg: Config, cache, device) -> StudentBase:
+    """What an SD teacher on the student's base folder borrows: the student's UNet run as
+    its base (adapters off) and its prompt encoding (through the embedding cache)."""
+    student = model.student
+    return StudentBase(
+        folder=cfg.student.pretrained,
+        unet=student.unet,
+        text_encoder=student.text_encoder,
+        unet_context=student.base_unet,
+        text_fn=lambda prompts: encode_text(model, cache, prompts, device),
+    )
+
+
 def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
     """Run (or resume) distillation into ``run_dir``; returns a summary of the last step.
     resume: False (a new run), True (continue; fails without a checkpoint) or "auto"
     (continue when the folder holds a checkpoint, else start)."""
-    # fail before any process group or model exists
+    # fail before any process group or model exists: run folder, prompts, weight folders
     run_dir = Path(run_dir)
     cfg.prompts.resolve()
     resume_step = check_run_dir(cfg, run_dir, resume)
+    check_base(cfg.student)
+    check_teachers(cfg.teachers)
+    evaluator = TrainingEval.from_config(cfg.train)  # None unless train.eval_every
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     info = distributed.setup(cfg.train.device, timeout=cfg.train.collective_timeout)
@@ -227,8 +257,15 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
     gen = torch.Generator().manual_seed(cfg.train.seed + 1000 * info.rank)
     # the same base weights on every rank, and the ones ``prd sample`` rebuilds
     model: PRDModel = build_model(cfg, device=info.device, seed=cfg.train.seed)
+    cache = None
+    if cfg.prompts.embed_cache is not None:
+        cache = EmbeddingCache(cfg.prompts.embed_cache, model.student.text_encoder_id())
     teachers = build_teachers(
-        cfg.teachers, cfg.train.background, cfg.cameras.n_views, device=info.device
+        cfg.teachers,
+        cfg.train.background,
+        cfg.cameras.n_views,
+        device=info.device,
+        student=student_base(model, cfg, cache, info.device),
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
@@ -238,9 +275,6 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
         config=deepspeed_config(cfg, info.world_size),
     )
     stream = make_stream(cfg, info)
-    cache = None
-    if cfg.prompts.embed_cache is not None:
-        cache = EmbeddingCache(cfg.prompts.embed_cache, model.student.text_encoder_id())
     start, nonfinite_in_row, nonfinite_total = 0, 0, 0
     if resume_step is not None:
         state = checkpoint.load_training_state(engine, run_dir, info.rank, resume_step)
@@ -264,17 +298,16 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
             group["lr"] = lr
         losses: dict[str, float] = {}
         images = {}
+        log_images = bool(t_cfg.image_every) and (step + 1) % t_cfg.image_every == 0
         step_finite = True
         for _ in range(t_cfg.grad_accum):
             # 1. prompts and their embeddings (frozen text encoder)
             prompts = stream.next_batch()
-            if cache is None:
-                text = model.student.encode_text(prompts)
-            else:
-                text = cache.get_or_compute(prompts, model.student.encode_text).to(info.device)
+            text = encode_text(model, cache, prompts, info.device)
             b, planes = len(prompts), cfg.student.planes
             size = cfg.student.resolved_latent_size()
             latent_shape = (b * planes, 4, size, size)
+            backdrop = model.backdrop(prompts, text, background)
             x0_prev = None
             # 2. K progressive steps
             for k, t_k in enumerate(timesteps):
@@ -295,12 +328,12 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
                         cfg.volume,
                         cfg.cameras.n_views,
                         gen,
-                        background,
+                        backdrop,
                         t_cfg.volume_color_grad.at(step),
                     )
                 }
                 if cfg.mesh.enabled:
-                    branches["mesh"] = mesh_branch(field, cams, cfg.mesh, cfg.mesh_grid, background)
+                    branches["mesh"] = mesh_branch(field, cams, cfg.mesh, cfg.mesh_grid, backdrop)
                 # 2e. teachers on every branch, regularizers on the volume branch
                 loss_k = torch.zeros((), device=info.device)
                 for branch, out in branches.items():
@@ -308,7 +341,8 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
                         g = teacher.for_branch(branch)(out.views, prompts, step, gen)
                         loss_k = loss_k + g.loss
                         losses[f"{teacher.name}/{branch}/k{k + 1}"] = g.loss.item()
-                        images[(branch, k, teacher.name)] = (out.views, g.target)
+                        if log_images:  # a latent teacher decodes its target to show it
+                            images[(branch, k, teacher.name)] = (out.views, g.target)
                 regs = branches["volume"].regularizers
                 for name, value in regs.items():
                     losses[f"{name}/k{k + 1}"] = value.item()
@@ -351,8 +385,9 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
         }
         logger.log_step(step + 1, losses, **scalars)
         if info.is_main:
-            checkpoint.append_metrics(run_dir, {**last, "losses": losses, **scalars})
-        if t_cfg.image_every and (step + 1) % t_cfg.image_every == 0:
+            evals = evaluator(step + 1, model, cfg.sample, logger.writer) if evaluator else {}
+            checkpoint.append_metrics(run_dir, {**last, "losses": losses, **scalars, **evals})
+        if log_images:
             logger.log_images(step + 1, images)
         if nonfinite_in_row >= t_cfg.max_nonfinite_in_row:
             logger.close()

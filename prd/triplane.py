@@ -1,15 +1,24 @@
 """The triplane field: geometry and texture planes decoded into SDF, colour and deformation.
 
-Plane axes (the same for the geometry and texture triplanes; index 0, 1, 2):
+Plane axes of the field (the same for the geometry and texture triplanes; index 0, 1, 2):
   plane 0 spans (x, y), plane 1 spans (x, z), plane 2 spans (y, z)
 with the plane's width axis on the first coordinate and its height axis on the second;
 ``grid_sample`` coordinates are the world coordinates divided by ``bound`` (corners
 aligned), so the planes cover [-bound, bound]^3.
 
+``FieldDecoder.bind`` first turns the student's planes into the field's
+(``orient_planes``). With the reference's orientation ("v1", TriplaneTurbo's
+``rotate_planes``) a generated plane reads as a picture of the object, rows top to bottom
+(world: right-handed, +z up):
+  xy plane: width along +y, rows along +x (a view from above);
+  xz plane: width along -x, rows along -z (a side view, up at the top);
+  yz plane: width along +y, rows along -z (a side view, up at the top).
+With "fixed", a generated plane is the field's plane as is.
+
 Feature aggregation follows the reference: geometry features are summed over the three
 planes (C channels), texture features are concatenated (3C channels). The MLPs have two
 hidden layers of 64 and no bias; the SDF is the MLP output plus a sphere of radius 0.5
-(DESIGN, "Field decoder"), so a freshly initialized student already renders a closed
+(docs/reference.md, "Field decoder"), so a freshly initialized student already renders a closed
 surface.
 """
 
@@ -22,6 +31,20 @@ import torch.nn.functional as F
 from torch import nn
 
 PLANE_AXES = ((0, 1), (0, 2), (1, 2))
+PLANE_ORIENTATIONS = ("v1", "fixed")
+COLOR_ACTIVATIONS = ("sigmoid_mipnerf", "sigmoid")
+MIPNERF_COLOR_EPS = 0.001
+"""MipNeRF's widened sigmoid (Barron et al. 2021), the reference's colour activation."""
+
+
+def color_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Albedo from the colour MLP's output: ``sigmoid`` in (0, 1), or ``sigmoid_mipnerf``
+    in (-0.001, 1.001), which reaches black and white at finite logits."""
+    if name == "sigmoid_mipnerf":
+        return torch.sigmoid(x) * (1 + 2 * MIPNERF_COLOR_EPS) - MIPNERF_COLOR_EPS
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    raise ValueError(f"unknown colour activation {name!r}; expected one of {COLOR_ACTIVATIONS}")
 
 
 @dataclass
@@ -36,6 +59,13 @@ class FieldConfig:
     """The field covers [-bound, bound]^3 (world units)."""
     sphere_radius: float = 0.5
     """Radius of the sphere added to the SDF MLP's output."""
+    plane_orientation: str = "v1"
+    """How generated planes map to world axes (module docstring): "v1" (the reference's,
+    each plane upright as SD draws pictures) or "fixed" (the field's axes as generated)."""
+    color_activation: str = "sigmoid_mipnerf"
+    """Colour MLP output -> albedo: "sigmoid_mipnerf" (the reference's, from MipNeRF:
+    sigmoid(x) (1 + 2 eps) - eps with eps = 0.001, so 0 and 1 are reached at finite x) or
+    "sigmoid" (range (0, 1))."""
 
     def __post_init__(self):
         for name in ("channels", "hidden"):
@@ -47,6 +77,34 @@ class FieldConfig:
             raise ValueError(
                 f"field.sphere_radius must lie in (0, bound={self.bound}), got {self.sphere_radius}"
             )
+        if self.plane_orientation not in PLANE_ORIENTATIONS:
+            raise ValueError(
+                f"field.plane_orientation must be one of {PLANE_ORIENTATIONS}, "
+                f"got {self.plane_orientation!r}"
+            )
+        if self.color_activation not in COLOR_ACTIVATIONS:
+            raise ValueError(
+                f"field.color_activation must be one of {COLOR_ACTIVATIONS}, "
+                f"got {self.color_activation!r}"
+            )
+
+
+def orient_planes(planes: torch.Tensor, orientation: str) -> torch.Tensor:
+    """Generated planes (B, 3, C, H, W) in the order xy, xz, yz -> the field's planes.
+
+    "v1" (the reference's): xy transposed, xz turned 180 degrees, yz flipped top to bottom,
+    which samples exactly as the reference's rotated planes at its (x, y), (x, z), (z, y)
+    projections (H must equal W); "fixed": unchanged."""
+    if orientation == "fixed":
+        return planes
+    if orientation != "v1":
+        raise ValueError(
+            f"unknown plane orientation {orientation!r}; expected {PLANE_ORIENTATIONS}"
+        )
+    if planes.shape[-1] != planes.shape[-2]:
+        raise ValueError(f"plane orientation v1 needs square planes, got {tuple(planes.shape)}")
+    xy, xz, yz = planes.unbind(dim=1)
+    return torch.stack([xy.transpose(-1, -2), xz.flip(-2, -1), yz.flip(-2)], dim=1)
 
 
 def mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
@@ -159,8 +217,10 @@ class FieldDecoder(nn.Module):
         self.deform_mlp = mlp(cfg.channels, cfg.hidden, 3)
 
     def bind(self, geometry: torch.Tensor, texture: torch.Tensor) -> TriplaneField:
-        """A field for B objects from their triplanes (B, 3, C, H, W) each."""
-        return TriplaneField(self, geometry, texture)
+        """A field for B objects from their generated triplanes (B, 3, C, H, W) each,
+        oriented per ``cfg.plane_orientation``."""
+        orient = self.cfg.plane_orientation
+        return TriplaneField(self, orient_planes(geometry, orient), orient_planes(texture, orient))
 
 
 class TriplaneField:
@@ -212,10 +272,11 @@ class TriplaneField:
         return sdf.squeeze(-1) + self._sphere(points), grad + sphere_normal
 
     def color(self, points: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3) albedo in [0, 1] (sigmoid) at (B, N, 3) points."""
+        """(B, N, 3) albedo at (B, N, 3) points: in [0, 1] up to the activation's margin
+        (``FieldConfig.color_activation``)."""
         feats = sample_planes(self.texture, points, self.bound)  # (B,3,N,C)
         feats = feats.permute(0, 2, 1, 3).flatten(2)  # (B,N,3C): planes concatenated
-        return torch.sigmoid(self.decoder.color_mlp(feats))
+        return color_activation(self.decoder.color_mlp(feats), self.decoder.cfg.color_activation)
 
     def deformation(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) raw deformation of marching-cubes grid vertices (the isosurface

@@ -1,23 +1,21 @@
-"""The CLIP text tokenizer, built offline from the BPE file that `open_clip` ships.
+"""The CLIP text tokenizer, built offline from CLIP's BPE merges file shipped with PRD.
 
 Stable Diffusion's text encoders (CLIP ViT-L for SD 1.x, OpenCLIP ViT-H for SD 2.x) share
 one byte-level BPE vocabulary of 49408 tokens with a 77-token context. No model hub is
-reachable here, so the vocabulary is rebuilt from `bpe_simple_vocab_16e6.txt.gz` (MIT,
-shipped by `open_clip_torch`) following CLIP's definition:
+needed: the vocabulary is rebuilt from `prompts/data/bpe_simple_vocab_16e6.txt.gz` (CLIP's
+merges, MIT; the notice is `prompts/data/LICENSE-CLIP-BPE.txt`) following CLIP's definition:
 
     256 byte characters, the same 256 with '</w>', one token per merge of lines
     1 .. 48895 of the file, then '<|startoftext|>' (49406) and '<|endoftext|>' (49407).
 
-`open_clip` itself is not imported: its package imports torchvision, which is absent here;
-only the data file is read. Real SD weight folders carry their own tokenizer and should
-be preferred when present.
+The file travels as package data, so a plain `pip install` is complete. Real SD weight
+folders carry their own tokenizer and are preferred when present.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import unicodedata
@@ -57,19 +55,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
-def find_bpe_file() -> Path:
-    """Path of open_clip's BPE merges file, without importing open_clip (needs torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    hint = "install the file with: pip install --no-deps open_clip_torch"
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package open_clip not found, so no {BPE_FILENAME}; {hint}")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / BPE_FILENAME
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{BPE_FILENAME} not found in {list(spec.submodule_search_locations)}; {hint}"
-    )
+BPE_PATH = Path(__file__).parent / "data" / BPE_FILENAME
+"""CLIP's BPE merges, shipped as package data."""
 
 
 def _default_cache_dir() -> Path:
@@ -115,13 +102,20 @@ def _write_tokenizer_files(bpe_path: Path, folder: Path) -> None:
         tmp.rmdir()
 
 
-def build_clip_tokenizer(cache_dir: str | Path | None = None) -> CLIPTokenizer:
+def build_clip_tokenizer(
+    cache_dir: str | Path | None = None, bpe_path: str | Path = BPE_PATH
+) -> CLIPTokenizer:
     """CLIP's tokenizer (49408 tokens, bos 49406, eos 49407, max length 77), fully offline.
 
     cache_dir: folder under which the generated vocab.json / merges.txt are kept, in a
     subfolder named by the BPE file's hash; default a per-user cache folder.
     """
-    bpe_path = find_bpe_file()
+    bpe_path = Path(bpe_path)
+    if not bpe_path.is_file():
+        raise FileNotFoundError(
+            f"CLIP's BPE merges file {bpe_path} is missing; it ships with the prd package "
+            "(prompts/data): reinstall it"
+        )
     digest = hashlib.sha256(bpe_path.read_bytes()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     folder = root / f"clip-bpe-{digest}"

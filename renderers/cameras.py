@@ -29,7 +29,8 @@ import torch
 
 @dataclass(frozen=True)
 class CameraSampling:
-    """Distribution of training cameras (DESIGN: 4 views, 90 degrees apart, random offset)."""
+    """Distribution of training cameras (docs/reference.md: 4 views, 90 degrees apart,
+    random offset)."""
 
     n_views: int = 4
     """Views per object; their azimuths are evenly spaced (360/n_views apart)."""
@@ -179,7 +180,7 @@ def sample_cameras(
     """Training cameras: ``n_objects * n_views`` cameras, views of one object contiguous.
 
     Per object: one random azimuth offset in [0, 360), views evenly spaced from it; one
-    elevation and one distance drawn uniformly from the configured ranges (DESIGN, after
+    elevation and one distance drawn uniformly from the configured ranges (docs/reference.md, after
     the reference's multi-view camera sampler). Random numbers come from ``generator`` on
     the CPU so that results do not depend on the device.
     """

@@ -1,4 +1,4 @@
-"""Differentiable marching cubes on a deformable grid (DESIGN: "Dual rendering", "Decisions").
+"""Differentiable marching cubes on a deformable grid (docs/rendering.md, "Marching cubes").
 
 The surface's topology comes from a library marching cubes (scikit-image: 2.5x faster
 than PyMCubes here, ``bench/isosurface.py``) run on a detached SDF grid. Each output vertex
@@ -17,6 +17,13 @@ axis 0/1/2 is world x/y/z. Corner positions are the grid points plus
 crossing, so cells never fold).
 
 Faces are oriented counter-clockwise seen from outside: normals point to positive SDF.
+
+Empty surfaces (``repair_empty``): a grid without a sign change gets the reference's repair
+(TriplaneTurbo's mesh renderer, after InstantMesh): the centre grid point's SDF is lowered
+by 1 + max(SDF) and the two outermost layers' raised by 1 - min(SDF), so a small surface
+appears round the centre (all outside) or inside the border (all inside). The offsets keep
+their gradients (through the SDF at the grid's arg-max and arg-min points), so the
+teachers' losses still reach the field.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ class SurfaceMesh:
     edges: torch.Tensor
     resolution: int
     object_index: int
+    repaired: bool = False
+    """True when the SDF had no sign change and the surface is the repair's."""
 
     @property
     def empty(self) -> bool:
@@ -200,6 +209,30 @@ def _grid_point_partner(ijk: np.ndarray, flat: np.ndarray, res: int) -> np.ndarr
     return np.where(valid[rows, best], n[rows, best], p)
 
 
+def repair_offsets(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat grid indices of the repair's centre point (1,) and border layers (two deep)."""
+    r = resolution
+    center = np.array([((r // 2) * r + r // 2) * r + r // 2])
+    ijk = np.indices((r, r, r)).reshape(3, -1)
+    border = ((ijk < 2) | (ijk >= r - 2)).any(axis=0)
+    return center, np.flatnonzero(border)
+
+
+def _repair_mask(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """(R^3,) float masks of the centre point and the border layers."""
+    center, border = repair_offsets(resolution)
+    c, b = np.zeros(resolution**3), np.zeros(resolution**3)
+    c[center], b[border] = 1.0, 1.0
+    return c, b
+
+
+def _repaired(flat: np.ndarray, center: np.ndarray, border: np.ndarray) -> np.ndarray:
+    """The repaired grid values of one object's flat SDF; a value the repair would make
+    exactly 0 keeps its own (as the reference)."""
+    new = flat + center * (-1.0 - flat.max()) + border * (1.0 - flat.min())
+    return np.where(new == 0.0, flat, new)
+
+
 def _interpolate(
     s_a: torch.Tensor, s_b: torch.Tensor, pos_a: torch.Tensor, pos_b: torch.Tensor
 ) -> torch.Tensor:
@@ -219,6 +252,7 @@ def extract_surface(
     grid: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     objects: list[int] | None = None,
     with_grad: bool = True,
+    repair_empty: bool = False,
     chunk: int = 1 << 16,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -230,7 +264,8 @@ def extract_surface(
     with_grad: re-evaluate SDF and deformation at the surface edges' corners through the
     field, so the vertices are differentiable; otherwise the vertices come from the grid
     (the deformation too, when the grid has it) with no graph. An object without a sign
-    change gives an empty mesh (``.empty``), never an error. Non-finite SDF values raise.
+    change gives an empty mesh (``.empty``), never an error, or with ``repair_empty`` the
+    repaired surface of the module docstring (``.repaired``). Non-finite SDF values raise.
     """
     objects = list(range(n_objects)) if objects is None else list(objects)
     for o in objects:
@@ -254,23 +289,34 @@ def extract_surface(
 
     edges = []
     faces = []
+    # per repaired object: (arg-max, arg-min) flat indices and the kept-value mask
+    repairs: dict[int, tuple[int, int, np.ndarray]] = {}
+    masks = _repair_mask(resolution) if repair_empty else None
     for o in objects:
         sdf_np = sdf_grid[o].detach().cpu().numpy()
         if not np.isfinite(sdf_np).all():
             raise ValueError(
                 f"object {o}: the SDF grid has {(~np.isfinite(sdf_np)).sum()} non-finite values"
             )
+        if masks is not None and not (sdf_np.min() < 0.0 < sdf_np.max()):
+            flat = sdf_np.reshape(-1).astype(np.float64)
+            new = _repaired(flat, *masks)
+            repairs[o] = (int(flat.argmax()), int(flat.argmin()), new == flat)
+            sdf_np = new.reshape(sdf_np.shape)
         verts_idx, faces_np = marching_cubes(sdf_np)
         e, f = surface_edges(verts_idx, faces_np, sdf_np)
         edges.append(torch.from_numpy(e).to(device))
         faces.append(torch.from_numpy(f).to(device))
 
     # The distinct corners of each object's edges, padded into one (B, N, 3) field query.
+    # A repaired object also queries its arg-max and arg-min points (last two columns).
     corners = [torch.unique(e.reshape(-1), return_inverse=True) for e in edges]
     n_max = max([1] + [len(c) for c, _ in corners])
-    index = torch.zeros(n_objects, n_max, dtype=torch.int64, device=device)
+    index = torch.zeros(n_objects, n_max + 2 * bool(repairs), dtype=torch.int64, device=device)
     for o, (c, _) in zip(objects, corners):
         index[o, : len(c)] = c
+        if o in repairs:
+            index[o, -2:] = torch.tensor(repairs[o][:2], device=device)
     pts = grid_points(index, resolution, field.bound, dtype)
     grad_mode = torch.enable_grad() if with_grad else torch.no_grad()
     with grad_mode:
@@ -287,9 +333,17 @@ def extract_surface(
                 raw = torch.gather(flat_def, 1, index[..., None].expand(-1, -1, 3))
         pos = pts + bounded_offset(raw, resolution, field.bound)
         meshes = []
-        for o, e, f, (_, inv) in zip(objects, edges, faces, corners):
+        for o, e, f, (c, inv) in zip(objects, edges, faces, corners):
+            s_o = s[o, : len(c)]
+            if o in repairs:
+                center, border = (
+                    torch.as_tensor(m[c.cpu().numpy()], device=device, dtype=dtype) for m in masks
+                )
+                kept = torch.as_tensor(repairs[o][2][c.cpu().numpy()], device=device)
+                new = s_o + center * (-1.0 - s[o, -2]) + border * (1.0 - s[o, -1])
+                s_o = torch.where(kept, s_o, new)
             inv = inv.reshape(-1, 2)
             ia, ib = inv[:, 0], inv[:, 1]
-            verts = _interpolate(s[o, ia], s[o, ib], pos[o, ia], pos[o, ib])
-            meshes.append(SurfaceMesh(verts, f, e, resolution, o))
+            verts = _interpolate(s_o[ia], s_o[ib], pos[o, ia], pos[o, ib])
+            meshes.append(SurfaceMesh(verts, f, e, resolution, o, repaired=o in repairs))
     return meshes

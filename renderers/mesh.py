@@ -1,4 +1,4 @@
-"""Mesh renders of the training loop's second branch (DESIGN, "Dual rendering": the mesh
+"""Mesh renders of the training loop's second branch (docs/rendering.md, "Mesh branch": the mesh
 extracted from the SDF is rasterized to RGB, mask, normalized depth and camera-space
 normals, which the teachers score beside the volume renders)."""
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from renderers.cameras import Cameras, world_to_clip
+from renderers.cameras import Cameras, pixel_rays, world_to_clip
 from renderers.field import Field
 
 
@@ -20,10 +20,12 @@ class MeshRenderConfig:
     """Render the extracted mesh and feed it to the teachers (off: volume branch only)."""
     resolution: int = 512
     """Square render size in pixels (the reference rasterizes at 512x512)."""
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    """RGB in [0, 1] composited behind the object."""
     grad_scale: float = 0.001
     """Factor on SDF gradients arriving through this branch (reference value 0.001)."""
+    repair_empty: bool = True
+    """An SDF without a sign change gets the reference's repaired surface
+    (``renderers.isosurface``), so the teachers still see a mesh and their gradients reach
+    the field; off: it renders as background and the branch gives no gradient."""
     backend: str = "auto"
     """Raster backend: "auto" (nvdiffrast on CUDA when installed, else torch), "torch" or
     "nvdiffrast"."""
@@ -31,9 +33,6 @@ class MeshRenderConfig:
     def __post_init__(self):
         if self.resolution < 1:
             raise ValueError(f"mesh render resolution must be >= 1, got {self.resolution}")
-        bg = tuple(self.background)
-        if len(bg) != 3 or not all(0.0 <= c <= 1.0 for c in bg):
-            raise ValueError(f"background must be 3 values in [0, 1], got {self.background}")
         if not self.grad_scale >= 0.0:
             raise ValueError(f"grad_scale must be >= 0, got {self.grad_scale}")
         if self.backend not in ("auto", "torch", "nvdiffrast"):
@@ -125,7 +124,9 @@ def render_mesh(
     views at [b*V, (b+1)*V). backend: from ``renderers.raster.get_backend``.
     object_index: the field object of each mesh (default 0..B-1); the field is queried
     with ``len(field)`` rows when it has a length, else ``max(object_index) + 1``.
-    near, far: clip planes, also the depth normalization. The colour is the field's albedo
+    near, far: clip planes, also the depth normalization. background: RGB (3,), or a
+    callable mapping each object's pixel ray directions (B, R, 3) to colours (B, R, 3) (a
+    learned background). The colour is the field's albedo
     at the interpolated surface point (unlit). Returns a ``MeshRender`` in the cameras'
     dtype, differentiable with respect to verts (through u, v and antialias) and the
     field's parameters.
@@ -140,7 +141,14 @@ def render_mesh(
     if len(obj) != n_obj:
         raise ValueError(f"object_index must have {n_obj} entries, got {len(obj)}")
     dtype, device = cameras.c2w.dtype, cameras.device
-    bg = torch.as_tensor(background, dtype=dtype, device=device)
+    if callable(background):
+        # one colour per pixel, from the pixel's ray; rows bottom-first as rasterized
+        _, dirs = pixel_rays(cameras, height, width)
+        bg = background(dirs.reshape(n_obj, -1, 3)).reshape(-1, height, width, 3).flip(1)
+    else:
+        bg = torch.as_tensor(background, dtype=dtype, device=device).expand(
+            len(cameras), height, width, 3
+        )
 
     # 1. Rasterize each object's views and interpolate world points, depths and normals.
     per_obj = []
@@ -175,8 +183,9 @@ def render_mesh(
     # 3. Shade, composite, antialias, flip to top-row-first.
     rgb, mask, depth, normal = [], [], [], []
     for b, o in enumerate(per_obj):
+        bg_b = bg[b * n_views : (b + 1) * n_views]
         if o is None:
-            rgb.append(bg.expand(n_views, height, width, 3))
+            rgb.append(bg_b.flip(1))
             zero = torch.zeros(n_views, height, width, dtype=dtype, device=device)
             mask.append(zero)
             depth.append(zero)
@@ -188,7 +197,7 @@ def render_mesh(
         color = color.index_put((covered[b],), albedo[obj[b], : counts[b]])
         d = ((far - geo[..., 3:4]) / (far - near)) * cov
         nrm = torch.nn.functional.normalize(geo[..., 4:7], dim=-1, eps=1e-12) * cov
-        img = torch.cat([color * cov + bg * (1 - cov), cov, d, nrm], dim=-1)
+        img = torch.cat([color * cov + bg_b * (1 - cov), cov, d, nrm], dim=-1)
         img = backend.antialias(img.contiguous(), rast, pos, f).flip(1)
         rgb.append(img[..., :3])
         mask.append(img[..., 3])

@@ -6,7 +6,8 @@ logistic CDF Phi_s(x) = sigmoid(s x) (paper eq. 13):
 
     alpha_i = max((Phi_s(f(x(t_i))) - Phi_s(f(x(t_{i+1})))) / Phi_s(f(x(t_i))), 0)
 
-Here s is fixed (DESIGN: inverse standard deviation about 100). The renderer evaluates the
+Here s is fixed (docs/reference.md: inverse standard deviation about 100).
+The renderer evaluates the
 field once per section [t_i, t_{i+1}], at its midpoint m_i, and estimates the SDF at both
 section ends from the first-order expansion f(m_i) -+ c_i delta_i / 2, with c_i the
 directional derivative <grad f(m_i), d> clamped to <= 0 (only entering the surface makes
@@ -18,7 +19,7 @@ Everything is done in log space: log(1 - alpha_i) = min(log Phi_s(f_next) - log 
 0) and the transmittance is exp of its exclusive cumulative sum, which stays finite
 and differentiable deep inside or far outside the surface (no 0/0 guard epsilon).
 
-Samples per ray (DESIGN): ``n_uniform`` stratified samples on the ray's interval, then
+Samples per ray (docs/reference.md): ``n_uniform`` stratified samples on the ray's interval, then
 ``n_importance`` samples drawn (without gradient) by inverse-CDF sampling of the weights
 that a coarse pass gives from the SDF at the uniform samples; all samples are then merged,
 sorted and rendered with gradient.
@@ -36,10 +37,13 @@ import torch.nn.functional as F
 from renderers.cameras import Cameras, pixel_rays
 from renderers.field import Field, sdf_and_normal
 
+WHITE = (1.0, 1.0, 1.0)
+"""Background of a render that passes none (training passes its ``train.background``)."""
+
 
 @dataclass(frozen=True)
 class VolumeConfig:
-    """NeuS renderer settings; defaults are the reference's (DESIGN "Dual rendering")."""
+    """NeuS renderer settings; defaults are the reference's (docs/reference.md, "Volume branch")."""
 
     n_uniform: int = 128
     """Stratified samples per ray over its interval (also the coarse pass)."""
@@ -58,8 +62,6 @@ class VolumeConfig:
     checked when rendering patches so that full-grid previews may use any resolution)."""
     global_size: int = 42
     """Side of the coarse grid covering the whole image per view in patch mode."""
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    """RGB in [0, 1] composited behind the object unless a call passes its own."""
     chunk_rays: int = 4096
     """Rays per object rendered at once; bounds memory when no graph is kept."""
     clip_to_bound: bool = True
@@ -83,8 +85,6 @@ class VolumeConfig:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         if self.global_size < 1:
             raise ValueError(f"global_size must be >= 1, got {self.global_size}")
-        if len(self.background) != 3 or not all(0.0 <= c <= 1.0 for c in self.background):
-            raise ValueError(f"background must be 3 values in [0, 1], got {self.background}")
         if not 0.0 <= self.color_min_weight < 1.0:
             raise ValueError(f"color_min_weight must lie in [0, 1), got {self.color_min_weight}")
         if self.chunk_rays < 1:
@@ -246,11 +246,14 @@ def _march(field, o, d, t_near, t_far, jitter, u_imp, background, cfg, create_gr
     )
 
 
-def _background(background, cfg: VolumeConfig, like: torch.Tensor) -> torch.Tensor:
-    """Background broadcast to like's (B, R, 3), in like's dtype and device."""
+def _background(background, like: torch.Tensor) -> torch.Tensor:
+    """Background (None: white) broadcast to like's (B, R, 3), in like's dtype and device;
+    ValueError unless its values lie in [0, 1]."""
     if background is None:
-        background = cfg.background
+        background = WHITE
     bg = torch.as_tensor(background, dtype=like.dtype, device=like.device)
+    if bg.shape[-1:] != (3,) or not bool(((bg >= 0) & (bg <= 1)).all()):
+        raise ValueError(f"background must be RGB values in [0, 1], got {background}")
     if bg.ndim == 2:  # (B, 3): one colour per object
         bg = bg[:, None, :]
     try:
@@ -273,7 +276,7 @@ def render_rays(
     """NeuS render of B objects' rays.
 
     origins, dirs: (B, R, 3) world space, dirs of unit length, in the field's dtype/device;
-    ray set b is drawn with object b. background: None (``cfg.background``), (3,), (B, 3) or
+    ray set b is drawn with object b. background: None (white), (3,), (B, 3) or
     (B, R, 3) RGB in [0, 1]. generator: jitters the uniform samples and the importance
     draws; None renders deterministically (bin midpoints, evenly spaced quantiles).
     create_graph: keep the SDF gradients (normals, eikonal, NeuS' slope) differentiable, as
@@ -286,7 +289,7 @@ def render_rays(
             f"and {tuple(dirs.shape)}"
         )
     b, r, _ = origins.shape
-    bg = _background(background, cfg, origins)
+    bg = _background(background, origins)
     t_near, t_far = ray_interval(origins, dirs, cfg, field.bound if cfg.clip_to_bound else None)
     if generator is None:
         jitter = torch.full((b, r, cfg.n_uniform), 0.5, dtype=origins.dtype, device=origins.device)
@@ -372,10 +375,12 @@ def render_views(
     """NeuS images of B objects, ``views_per_object`` views each.
 
     cameras: B * views_per_object cameras, views of one object contiguous (as
-    ``sample_cameras``), in the field's dtype/device. background: None, (3,) or (N, 3) per
-    view. generator: sample jitter and patch positions; None renders deterministically
-    and draws patch positions from torch's global generator. patch_offsets: (N, 2) (row,
-    col) patch corners to use instead of random ones (patch mode).
+    ``sample_cameras``), in the field's dtype/device. background: None (white), (3,) or (N, 3) per
+    view, or a callable mapping each object's ray directions (B, R, 3) to colours
+    (B, R, 3) (a learned background). generator: sample jitter and patch positions; None
+    renders deterministically and draws patch positions from torch's global generator.
+    patch_offsets: (N, 2) (row, col) patch corners to use instead of random ones (patch
+    mode).
     """
     n, v, res = len(cameras), views_per_object, cfg.resolution
     if v < 1 or n % v:
@@ -413,8 +418,11 @@ def render_views(
     else:
         raise ValueError(f'mode must be "full" or "patch", got {mode!r}')
 
-    bg = _background(background, cfg, o)  # per view
     b = n // v
+    if callable(background):
+        bg = background(d.reshape(b, -1, 3))
+    else:
+        bg = _background(background, o)  # per view
     out = render_rays(
         field,
         o.reshape(b, -1, 3),

@@ -8,6 +8,7 @@ guidance loss with its timestep and CFG schedules (``teachers.guidance``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,10 +68,18 @@ class GuidanceOut:
 
     loss: Tensor
     """Scalar, differentiable w.r.t. the Views tensors."""
-    target: Tensor
-    """(n, h, w, C) the teacher's x0 estimate in image space ([0, 1]), detached, for logging."""
+    x0: Tensor
+    """(n, C, h, w) the teacher's x0 estimate in its model space (latents or pixels), detached."""
     timesteps: Tensor
     """(b,) the timesteps drawn (one per teacher sample: per object for multi-view roles)."""
+    to_image: Callable[[Tensor], Tensor]
+    """Model space -> (n, h, w, C) image space in [0, 1] (a latent teacher's VAE decode)."""
+
+    @property
+    def target(self) -> Tensor:
+        """(n, h, w, C) the x0 estimate in image space ([0, 1]), for logging; computed on
+        each access (a latent teacher decodes it: read it only when logging images)."""
+        return self.to_image(self.x0)
 
 
 class Teacher(Protocol):

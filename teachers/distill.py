@@ -2,10 +2,12 @@
 
 One ``forward`` (the ``Teacher`` protocol of ``teachers.base``):
 1. the role selects and packs the views at the teacher's resolution (n, C, h, w) in [-1, 1];
-   a latent teacher's ``encode`` maps them to latents (pixel-space teachers: identity);
+   a latent teacher's ``encode`` maps them to latents with gradients, its random numbers
+   from the teacher's generator (pixel-space teachers: identity);
 2. timesteps are drawn per object (or per batch) and shared by the views of an object;
 3. x_t = alpha_t sg(x) + sigma_t noise; the denoiser predicts conditional and unconditional
-   eps in one batch (ASD adds the conditional eps at its later timestep);
+   (the negative prompt's) eps in one batch (ASD adds the conditional eps at its later
+   timestep);
 4. the configured loss turns them into a scalar with a closed-form gradient w.r.t. x.
 """
 
@@ -34,8 +36,12 @@ class DistillationTeacher(torch.nn.Module):
 
     role: packs Views (``teachers.roles``); denoiser: the frozen eps model (an nn.Module is
     registered and asserted frozen); guidance: loss and schedules; resolution: the teacher's
-    image size; encode / decode: image [-1, 1] <-> model space for latent teachers (None:
-    pixel space); schedule: DDPM noise schedule (SD's by default).
+    image size; encode(image, generator) / decode(x): image [-1, 1] <-> model space for
+    latent teachers (None: pixel space); schedule: DDPM noise schedule (SD's by default);
+    negative_prompt: the unconditional branch's prompt of CFG ("" is the unconditional one).
+
+    Teachers of one role on several render branches share one denoiser: each registers the
+    same module, so the weights exist once.
     """
 
     def __init__(
@@ -46,8 +52,9 @@ class DistillationTeacher(torch.nn.Module):
         guidance: G.GuidanceConfig,
         resolution: int,
         schedule: NoiseSchedule | None = None,
-        encode: Callable[[Tensor], Tensor] | None = None,
+        encode: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         decode: Callable[[Tensor], Tensor] | None = None,
+        negative_prompt: str = "",
     ):
         super().__init__()
         if resolution < 1:
@@ -62,6 +69,7 @@ class DistillationTeacher(torch.nn.Module):
         self.schedule = schedule if schedule is not None else NoiseSchedule()
         self.encode = encode
         self.decode = decode
+        self.negative_prompt = negative_prompt
         self.requires_grad_(False)
         self.eval()
         assert_frozen(self, name)
@@ -77,7 +85,7 @@ class DistillationTeacher(torch.nn.Module):
         # 1. Pack the views the teacher scores.
         sel = self.role.select(views)
         image = self.role.encode(sel, self.resolution)
-        x = self.encode(image) if self.encode is not None else image
+        x = self.encode(image, generator) if self.encode is not None else image
         n = x.shape[0]
         # 2. Timesteps: one per object (shared by its views) or one per batch; noise.
         t_group = G.sample_timesteps(cfg, step, n // group, generator)
@@ -95,13 +103,13 @@ class DistillationTeacher(torch.nn.Module):
             if scale_cfg == 1.0:
                 eps_c = eps_u = self.denoiser(x_t, t, cond, cams)
             else:
-                both = _cat_cond(cond, self.denoiser.encode_text([""] * n))
+                both = _cat_cond(cond, self.denoiser.encode_text([self.negative_prompt] * n))
                 eps = self.denoiser(
                     torch.cat([x_t, x_t]), torch.cat([t, t]), both, Cameras.cat([cams, cams])
                 )
                 eps_c, eps_u = eps[:n], eps[n:]
         # 4. The loss, normalized to the reference's size (teachers.guidance).
-        c = G.loss_scale(x, cfg)
+        c = G.loss_scale(x, cfg, len(prompts))
         x0 = None
         if cfg.loss in ("sds", "sds_uniform"):
             uniform = cfg.loss == "sds_uniform"
@@ -128,6 +136,9 @@ class DistillationTeacher(torch.nn.Module):
         with torch.no_grad():
             if x0 is None:
                 x0 = sched.x0_from_eps(x_t, G.cfg_eps(eps_c, eps_u, scale_cfg), t)
-            target = self.decode(x0) if self.decode is not None else x0
-            target = self.role.to_image(target)
-        return GuidanceOut(loss=loss, target=target.detach(), timesteps=t_group)
+        return GuidanceOut(loss=loss, x0=x0.detach(), timesteps=t_group, to_image=self._x0_to_image)
+
+    @torch.no_grad()
+    def _x0_to_image(self, x0: Tensor) -> Tensor:
+        x = self.decode(x0) if self.decode is not None else x0
+        return self.role.to_image(x).detach()

@@ -2,12 +2,14 @@
 
 Every loss is a scalar ``L`` whose gradient w.r.t. the teacher input x (n, C, h, w) is a
 closed form ``dL/dx = c * g``, with g given per loss below and the normalization
-``c = weight * reference_numel / (numel(x[0]) * n)``: the loss is the mean over the n
-teacher images of half the squared error summed over an image, rescaled from the image's
-size to the reference teacher's input size (SD 2.1: 4x64x64 latents; MVDream: 4x32x32;
-RichDreamer: 4x32x32 pixels). At the reference's sizes this is the reference's loss
-(0.5 * sum / n_views per object); on a tiny pixel-space image the total gradient reaching
-the student (a sum over elements) keeps the same magnitude.
+``c = weight * reference_numel / (numel(x[0]) * m)``: half the squared error summed over an
+image, averaged over the m = n / n_objects teacher images of each object and summed over
+the objects ("sum", the reference's) or averaged over all n images (m = n, "mean"),
+rescaled from the image's size to the reference teacher's input size (SD 2.1: 4x64x64
+latents; MVDream: 4x32x32; RichDreamer: 4x32x32 pixels). At the reference's sizes "sum" is
+the reference's loss (0.5 * sum / n_views, summed over the objects of a GPU); on a tiny
+pixel-space image the total gradient reaching the student (a sum over elements) keeps the
+same magnitude.
 
 With alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), and
 eps_cfg = eps_uncond + s (eps_cond - eps_uncond) at the guidance scale s:
@@ -37,6 +39,7 @@ from teachers.noise import NoiseSchedule
 
 LOSSES = ("sds", "sds_uniform", "x0", "asd")
 ASD_NORMALIZATIONS = ("image", "object", "none")
+OBJECT_REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -73,6 +76,9 @@ class GuidanceConfig:
     """ASD: normalizer m per "image", per "object" (mean over its views), or "none"."""
     reference_numel: int | None = None
     """Elements of one image of the reference teacher's input; None = no size rescale."""
+    object_reduction: str = "sum"
+    """Over the objects of a batch: "sum" (the reference's) or "mean" (1/B of the sum
+    against the eikonal/sparsity terms, which are means)."""
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -105,6 +111,11 @@ class GuidanceConfig:
                 f"asd_shift_ratio must be >= 0 and asd_eps > 0, got {self.asd_shift_ratio}, "
                 f"{self.asd_eps}"
             )
+        if self.object_reduction not in OBJECT_REDUCTIONS:
+            raise ValueError(
+                f"GuidanceConfig.object_reduction must be one of {OBJECT_REDUCTIONS}, "
+                f"got {self.object_reduction!r}"
+            )
         if self.reference_numel is not None and self.reference_numel < 1:
             raise ValueError(
                 f"reference_numel must be positive or None, got {self.reference_numel}"
@@ -117,7 +128,8 @@ def sd_guidance() -> GuidanceConfig:
 
 
 def mvdream_guidance() -> GuidanceConfig:
-    """MVDream in the reference: ASD, CFG 20 -> 10 over 20k steps (DESIGN), 4x32x32 latents."""
+    """MVDream in the reference: ASD, CFG 20 -> 10 over 20k steps (docs/reference.md),
+    4x32x32 latents."""
     return GuidanceConfig(
         loss="asd", guidance_scale=20.0, guidance_scale_end=10.0, reference_numel=4 * 32 * 32
     )
@@ -183,11 +195,16 @@ def cfg_eps(eps_cond: Tensor, eps_uncond: Tensor, guidance_scale: float) -> Tens
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
-def loss_scale(x: Tensor, cfg: GuidanceConfig) -> float:
-    """c = weight * reference_numel / (numel of one image * n images) (module docstring)."""
+def loss_scale(x: Tensor, cfg: GuidanceConfig, n_objects: int) -> float:
+    """c = weight * reference_numel / (numel of one image * m) for the n = len(x) images of
+    ``n_objects`` objects; m = n / n_objects ("sum") or n ("mean") (module docstring)."""
+    n = x.shape[0]
+    if n_objects < 1 or n % n_objects:
+        raise ValueError(f"{n} teacher images do not split into {n_objects} objects")
     per_image = x[0].numel()
     ref = cfg.reference_numel if cfg.reference_numel is not None else per_image
-    return cfg.weight * ref / (per_image * x.shape[0])
+    images = n // n_objects if cfg.object_reduction == "sum" else n
+    return cfg.weight * ref / (per_image * images)
 
 
 def surrogate(x: Tensor, grad: Tensor, scale: float) -> Tensor:

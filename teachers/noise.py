@@ -22,6 +22,16 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.n_steps = n_steps
 
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> NoiseSchedule:
+        """The schedule of given alpha_bar values (n_steps,), e.g. a diffusers scheduler's."""
+        ab = torch.as_tensor(alphas_cumprod).detach().to(torch.float64).cpu()
+        if ab.dim() != 1 or not bool(((ab > 0) & (ab <= 1)).all()):
+            raise ValueError("alphas_cumprod must be a 1-d tensor of values in (0, 1]")
+        schedule = cls(n_steps=len(ab))
+        schedule.alphas_cumprod = ab.clone()
+        return schedule
+
     def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
         """alpha_bar_t for integer t (B,), shaped (B, 1, 1, 1) in the dtype/device of ``like``."""
         if bool(((t < 0) | (t >= self.n_steps)).any()):

@@ -3,8 +3,9 @@
 A role does two things: ``select`` picks the views the teacher sees (one per object, or
 all views of each object), and ``encode`` turns views into the model's image tensor
 (n, C, size, size) in [-1, 1] at the teacher's resolution (bilinear, antialiased). Latent
-teachers then run their VAE encoder on ``(x + 1) / 2``; pixel-space teachers (the
-oracle, RichDreamer ND-MV) use x as is. The oracle renders its ground truth and packs it
+teachers then run their VAE encoder on x as is, since SD's VAE takes images in [-1, 1]
+(``teachers.sd.vae_encode``); pixel-space teachers (the oracle, RichDreamer ND-MV) use x
+as is too. The oracle renders its ground truth and packs it
 with the same ``encode``, so student and truth meet in the same space.
 """
 
@@ -101,7 +102,7 @@ class MultiViewRGB:
 
 @dataclass(frozen=True)
 class MultiViewNormalDepth:
-    """RichDreamer ND-MV's role: 4 channels per view (DESIGN, RichDreamer).
+    """RichDreamer ND-MV's role: 4 channels per view (docs/teachers.md, "RichDreamer ND-MV").
 
     Channels 0-2: the camera-frame normal with x flipped, (-n_x, n_y, n_z), over the
     background (0, 0, 1). Channel 3: depth normalized as (far - d) / (far - near) with

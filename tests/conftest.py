@@ -27,3 +27,29 @@ def randomize_trainable():
         return model
 
     return fill
+
+
+def write_tiny_sd(folder, prediction_type: str = "epsilon", seed: int = 0):
+    """A random-weight SD-shaped diffusers folder at the tiny arch's sizes (UNet, VAE, CLIP
+    text encoder, tokenizer files, scheduler), written with save_pretrained; returns it."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from prd.arch import TINY_TEXT, TINY_UNET, TINY_VAE, sd_scheduler
+    from prompts.tokenizer import build_clip_tokenizer
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).save_pretrained(folder / "text_encoder")
+        UNet2DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
+        AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
+    build_clip_tokenizer().save_pretrained(folder / "tokenizer")
+    config = dict(sd_scheduler().config, prediction_type=prediction_type)
+    DDPMScheduler.from_config(config).save_pretrained(folder / "scheduler")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A tiny random SD folder (epsilon prediction), written once; tests only read it."""
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "sd")

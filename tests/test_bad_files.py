@@ -167,3 +167,27 @@ def test_damaged_curated_prompt_folder(capsys, tmp_path):
     status, err = prd(capsys, "train", *oracle, f"prompts.source={folder}")
     assert status == 2 and f"{folder / 'manifest.json'}: not a readable manifest" in err
     assert cfg_file.read_text() == "written before"
+
+
+def test_damaged_teacher_files(capsys, tmp_path, base_folder):
+    """The SD teacher's folder and an original MVDream / ND-MV checkpoint cut short: the
+    loaders name the file; `prd convert` exits 2 and writes no folder."""
+    import shutil
+
+    from teachers import multiview_unet, sd
+
+    folder = tmp_path / "sd"
+    shutil.copytree(base_folder, folder)
+    victim = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=str(victim)):
+        sd.load_pretrained(folder)
+    ckpt = tmp_path / "mvdream.ckpt"
+    torch.save({"model.diffusion_model.x.weight": torch.zeros(64, 64)}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{ckpt}: not a readable torch checkpoint"):
+        multiview_unet.unet_state_dict(ckpt)
+    out = tmp_path / "converted"
+    status, err = prd(capsys, "convert", "mvdream", ckpt, "--out", out)
+    assert status == 2 and f"{ckpt}: not a readable torch checkpoint" in err
+    assert not out.exists() and not out.with_name("converted.partial").exists()

@@ -41,3 +41,29 @@ def test_the_exact_scene_scores_lowest_on_both_branches(branch):
         exact = losses[role.name, 1.0].item()
         for scale in (0.9, 1.1):
             assert exact < losses[role.name, scale].item(), (role.name, scale, losses)
+
+
+@pytest.mark.parametrize("repair", [True, False])
+def test_an_empty_field_reaches_the_teachers_only_when_repaired(repair):
+    """A field inside everywhere: with the reference's repair the mesh branch renders the
+    surface just inside the grid's border (the mask covers the view's centre) and the SDF
+    gets a gradient; without it the views are background and nothing flows back."""
+    from renderers.field import SphereField
+
+    class OneSphere(SphereField):
+        def __len__(self):
+            return 1
+
+    cfg = load([REPO / "configs" / "oracle.yaml"], [f"mesh.repair_empty={repair}"])
+    radius = torch.tensor([5.0], requires_grad=True)  # bound 0.6: no zero crossing
+    gen = torch.Generator().manual_seed(0)
+    cams = sample_cameras(1, cfg.cameras, gen)
+    out = mesh_branch(OneSphere(radius, bound=cfg.field.bound), cams, cfg.mesh, 16, (0.5,) * 3)
+    assert out.regularizers["empty_meshes"].item() == 1.0
+    mid = cfg.mesh.resolution // 2
+    if repair:
+        assert (out.views.mask[:, mid, mid] == 1).all()
+        (grad,) = torch.autograd.grad(out.views.depth.sum(), radius)
+        assert grad.abs().item() > 0
+    else:
+        assert out.views.mask.abs().max() == 0 and not out.views.depth.requires_grad

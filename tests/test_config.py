@@ -1,5 +1,6 @@
 """Typed run config: reference defaults, YAML overlays, dotlist overrides, errors naming keys."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,11 @@ def test_defaults_are_the_reference_numbers():
     assert (cfg.volume.near, cfg.volume.far, cfg.volume.inv_std) == (0.1, 4.0, 100.0)
     assert (cfg.volume.resolution, cfg.volume.patch_size, cfg.volume.global_size) == (128, 40, 42)
     assert cfg.cameras.n_views == 4 and cfg.cameras.fov_y == 60.0
+    # the reference's plane rotation, colour activation, empty-mesh repair, loss reduction
+    assert (cfg.field.plane_orientation, cfg.field.color_activation) == ("v1", "sigmoid_mipnerf")
+    assert cfg.mesh.repair_empty
+    roles = (cfg.teachers.sd, cfg.teachers.mvdream, cfg.teachers.richdreamer)
+    assert {r.guidance.object_reduction for r in roles} == {"sum"}
     assert tuple(cfg.cameras.distance_range) == (1.39, 1.73)
     assert tuple(cfg.cameras.elevation_range) == (0.0, 30.0)
     assert cfg.mesh_grid == 128 and cfg.sample.grid == 160
@@ -148,12 +154,55 @@ def test_override_without_value_fails():
         load(None, ["student.lora_rank"])
 
 
+# Sizes for a first training step on CPU; every other choice of a preset (K, optimizer,
+# ZeRO stage, gradient checkpointing, field, losses, cameras, ...) stays as it is.
+FIRST_STEP_AT_TINY_SIZE = [
+    "student.arch=tiny",
+    "student.pretrained=null",
+    "student.latent_size=null",
+    "volume.resolution=16",
+    "volume.patch_size=8",
+    "volume.global_size=8",
+    "volume.n_uniform=8",
+    "volume.n_importance=0",
+    "mesh.resolution=16",
+    "mesh_grid=16",
+    "background.log2_table_size=12",
+    *(f"teachers.{role}.resolution=16" for role in ("sd", "mvdream", "richdreamer")),
+    "train.steps=1",
+    "train.batch_size=1",
+    "train.precision=fp32",  # bf16 matmuls are ~70x slower on these CPUs
+    "train.torch_threads=1",
+    "train.image_every=0",
+    f"prompts.file={REPO / 'configs' / 'oracle_train_prompts.txt'}",
+]
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
-def test_every_preset_loads(preset, monkeypatch):
+def test_every_preset_trains_its_first_step_at_tiny_size(preset, monkeypatch, tmp_path):
+    """A preset that loads but cannot train fails here: its first optimizer step, at tiny
+    sizes, applies a finite, non-zero gradient. Teachers that need weights (none ship with
+    the repository) are replaced by the oracles of the same roles."""
+    import os
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    from prd import checkpoint
+    from prd.train import train
+
     monkeypatch.chdir(REPO)  # presets name prompt files relative to the repository
-    cfg = load([preset])
-    assert isinstance(cfg, Config)
     assert preset.read_text().count("\n") <= 40  # thin overlays, not copied configs
+    cfg = load([preset])
+    oracle = [
+        f"teachers.{role}.source=oracle"
+        for role in ("sd", "mvdream", "richdreamer")
+        if getattr(cfg.teachers, role).source == "pretrained"
+    ]
+    cfg = load([preset], [*FIRST_STEP_AT_TINY_SIZE, *oracle])
+    summary = train(cfg, tmp_path / "run")
+    (record,) = checkpoint.read_metrics(tmp_path / "run")
+    assert summary == {"step": 1, "loss": record["loss"], "nonfinite_total": 0}
+    assert all(math.isfinite(v) for v in record["losses"].values()), record["losses"]
+    assert 0 < record["grad_norm"] < math.inf
 
 
 def test_preset_values_reach_the_config(monkeypatch):
@@ -164,6 +213,11 @@ def test_preset_values_reach_the_config(monkeypatch):
     oracle = load([REPO / "configs/oracle.yaml"])  # extends tiny.yaml
     assert oracle.student.arch == "tiny" and oracle.train.steps == 200
     assert oracle.cameras.fov_y == 50.0 and oracle.mesh.grad_scale == 0.03
+    # the oracle run keeps the settings it was measured with where the reference differs
+    assert (oracle.field.plane_orientation, oracle.field.color_activation) == ("fixed", "sigmoid")
+    assert not oracle.mesh.repair_empty
+    roles = (oracle.teachers.sd, oracle.teachers.mvdream, oracle.teachers.richdreamer)
+    assert {r.guidance.object_reduction for r in roles} == {"mean"}
     sd21 = load([REPO / "configs/sd21.yaml"])
     assert (sd21.student.arch, sd21.student.lora_rank, sd21.sample.grid) == ("sd21", 16, 160)
 

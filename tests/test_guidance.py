@@ -114,11 +114,15 @@ def _teacher_expected_draws(cfg, step, n_groups, group, shape, seed):
     return t, torch.randn(shape, generator=g)
 
 
-@pytest.mark.parametrize("scale", [3.0, 1.0])
-def test_teacher_gradient_through_single_view_role(scale):
-    """OracleSD scores view 2 of each object only; d loss / d rgb = 2 c g on those views.
-    At CFG 1 the guided eps is the conditional one, so the unconditional pass is skipped."""
-    cfg = G.GuidanceConfig(loss="sds", guidance_scale=scale, reference_numel=4 * 64 * 64)
+@pytest.mark.parametrize("scale,reduction", [(3.0, "sum"), (1.0, "sum"), (3.0, "mean")])
+def test_teacher_gradient_through_single_view_role(scale, reduction):
+    """OracleSD scores view 2 of each object only; d loss / d rgb = 2 c g on those views,
+    c = 4*64*64 / (3*16*16) per object summed over the 2 objects (the reference's
+    reduction), half that for their mean. At CFG 1 the guided eps is the conditional one,
+    so the unconditional pass is skipped."""
+    cfg = G.GuidanceConfig(
+        loss="sds", guidance_scale=scale, reference_numel=4 * 64 * 64, object_reduction=reduction
+    )
     teacher = OracleSD(cfg, resolution=16, view_offset=2)
     passes = []
     teacher.denoiser.register_forward_hook(lambda m, args, out: passes.append(list(args[2])))
@@ -138,7 +142,7 @@ def test_teacher_gradient_through_single_view_role(scale):
     den = teacher.denoiser
     sel = cams.index(torch.tensor([2, 6]))
     ec, eu = den(x_t, t, prompts, sel), den(x_t, t, ["", ""], sel)
-    c = 4 * 64 * 64 / (3 * 16 * 16 * 2)
+    c = 4 * 64 * 64 / (3 * 16 * 16) / (2 if reduction == "mean" else 1)
     g = c * (1 - SCHED.alpha_bar(t, x)) * (eu + scale * (ec - eu) - noise)
     want = torch.zeros_like(rgb)
     want[[2, 6]] = 2 * g.permute(0, 2, 3, 1)

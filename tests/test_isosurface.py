@@ -209,3 +209,49 @@ def test_ambiguous_cells_of_a_noisy_grid_give_vertices_on_sign_change_edges():
     flat = sdf.reshape(-1)
     assert len(faces) > 100
     assert (flat[edges[:, 0]] * flat[edges[:, 1]] < 0).all()
+
+
+def test_repair_of_empty_grids_has_the_reference_surfaces():
+    """All outside (SDF 0.3): the centre point drops to 0.3 - 1 - 0.3 = -1, so the surface is
+    the octahedron of the 6 edges from it, vertices h / 1.3 from the centre. All inside
+    (-0.3): the two border layers rise to 1.0, vertices 1 / 1.3 of an edge inside them."""
+    res, h = 9, 0.25
+    zeros = torch.zeros(res, res, res, 3, dtype=torch.float64)
+    full = torch.full((res, res, res), 0.3, dtype=torch.float64)
+    (m,) = extract_surface(GridField(full, zeros), res, n_objects=1, repair_empty=True)
+    assert m.repaired and not m.empty and len(m.verts) == 6
+    center = grid_points(torch.tensor(4 * 81 + 4 * 9 + 4), res, 1.0, torch.float64)
+    dist = (m.verts - center).norm(dim=1)
+    torch.testing.assert_close(dist, torch.full((6,), h / 1.3, dtype=torch.float64))
+    (m,) = extract_surface(GridField(-full, zeros), res, n_objects=1, repair_empty=True)
+    extent = -1.0 + (1 + 1 / 1.3) * h
+    torch.testing.assert_close(m.verts.min(0).values, torch.full((3,), extent, dtype=torch.float64))
+    torch.testing.assert_close(
+        m.verts.max(0).values, torch.full((3,), -extent, dtype=torch.float64)
+    )
+    # without the repair both are empty; a grid with a surface is never repaired
+    assert extract_surface(GridField(full, zeros), res, n_objects=1)[0].empty
+    (m,) = extract_surface(SphereField(torch.tensor([0.5])), res, n_objects=1, repair_empty=True)
+    assert not m.repaired
+
+
+def test_repaired_vertices_have_the_gradients_of_the_repair_formula():
+    """gradcheck through the repair: the offsets 1 + max and 1 - min keep their gradients."""
+    res = 5
+    gen = torch.Generator().manual_seed(0)
+    values = (0.2 + 0.3 * torch.rand(res, res, res, generator=gen)).to(torch.float64)
+    deform = 0.5 * torch.randn(res, res, res, 3, generator=gen, dtype=torch.float64)
+
+    def verts(v):
+        (m,) = extract_surface(
+            GridField(v, deform), res, n_objects=1, repair_empty=True, dtype=torch.float64
+        )
+        return m.verts
+
+    for sign in (1.0, -1.0):
+        (m,) = extract_surface(
+            GridField(sign * values, deform), res, n_objects=1, repair_empty=True
+        )
+        assert m.repaired and len(m.faces) > 0
+        inputs = ((sign * values).requires_grad_(True),)
+        assert torch.autograd.gradcheck(verts, inputs, eps=1e-6, atol=1e-6)

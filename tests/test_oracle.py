@@ -154,14 +154,36 @@ def test_normal_depth_packing_closed_form():
     assert (x[:, 0, 16, 22] < -0.3).all() and (r.normal[:, 16, 22, 0] > 0.3).all()
 
 
-def test_teachers_frozen_and_named():
-    for teacher in (OracleSD(), OracleMVDream(), OracleRichDreamer()):
-        assert not any(p.requires_grad for p in teacher.parameters())
-        assert isinstance(teacher.name, str) and teacher.name.startswith("oracle_")
-    bad = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="trainable"):
-        assert_frozen(bad, "bad")
+def test_assert_frozen_accepts_frozen_parameters_and_names_a_trainable_one():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model.requires_grad_(False)
+    assert_frozen(model, "frozen")  # parameters, none trainable: passes
+    model[1].bias.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"'bad' has 1 trainable parameters \(e.g. '1.bias'\)"):
+        assert_frozen(model, "bad")
+    names = [t.name for t in (OracleSD(), OracleMVDream(), OracleRichDreamer())]
+    assert names == ["oracle_sd", "oracle_mvdream", "oracle_richdreamer"]
 
 
-def test_vocabulary_colours_listed():
-    assert list(COLORS) == ["red", "green", "blue", "yellow", "white", "purple"]
+# the vocabulary's albedos (unlit, so a head-on render shows them exactly)
+EXPECTED_RGB = {
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.8, 0.2),
+    "blue": (0.1, 0.2, 0.9),
+    "yellow": (0.95, 0.85, 0.1),
+    "white": (0.95, 0.95, 0.95),
+    "purple": (0.6, 0.2, 0.8),
+}
+
+
+def test_each_colour_word_is_the_truth_the_sd_oracle_shows():
+    """The SD oracle's clean image of "a <colour> cube" seen head-on: the colour's albedo at
+    the centre, the background in a corner, both packed to [-1, 1]."""
+    assert set(COLORS) == set(EXPECTED_RGB)
+    denoiser = OracleSD(background=(0.5, 0.5, 0.5)).denoiser
+    cams = orbit_cameras(torch.zeros(len(EXPECTED_RGB)), 0.0, 1.5)
+    prompts = [f"a {c} cube" for c in EXPECTED_RGB]
+    x0 = denoiser.ground_truth(prompts, cams, 16)  # (6, 3, 16, 16)
+    want = torch.tensor(list(EXPECTED_RGB.values())) * 2 - 1
+    torch.testing.assert_close(x0[:, :, 8, 8], want)
+    torch.testing.assert_close(x0[:, :, 0, 0], torch.zeros(6, 3))

@@ -1,8 +1,16 @@
 """The offline CLIP tokenizer against ids of the released CLIP vocabulary."""
 
+import hashlib
+
 import pytest
 
-from prompts.tokenizer import MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer, count_tokens
+from prompts.tokenizer import (
+    BPE_PATH,
+    MAX_LENGTH,
+    VOCAB_SIZE,
+    build_clip_tokenizer,
+    count_tokens,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +49,18 @@ def test_cache_is_reused(tmp_path):
     assert a("a red fox")["input_ids"] == b("a red fox")["input_ids"]
 
 
-def test_missing_bpe_file_names_the_fix(monkeypatch):
-    import importlib.util
+def test_missing_bpe_file_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "bpe.txt.gz"
+    with pytest.raises(FileNotFoundError, match=f"{missing}.*reinstall"):
+        build_clip_tokenizer(tmp_path, bpe_path=missing)
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps open_clip_torch"):
-        build_clip_tokenizer()
+
+def test_the_vocabulary_ships_with_the_package():
+    # the file itself, not a copy that some other package may or may not have installed
+    assert BPE_PATH.is_file() and BPE_PATH.parent.name == "data"
+    assert (BPE_PATH.parent / "LICENSE-CLIP-BPE.txt").is_file()
+    digest = hashlib.sha256(BPE_PATH.read_bytes()).hexdigest()
+    assert digest == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 
 def test_token_counter_equals_tokenizer(tok):

@@ -26,16 +26,33 @@ def test_timesteps_put_the_asked_share_in_the_top_of_the_schedule():
     assert (t >= 700).float().mean().item() == pytest.approx(0.65, abs=0.01)
 
 
-def test_dataset_shows_training_scenes_only_on_grey():
-    cfg = load([REPO / "configs/tiny.yaml"])
-    gen = torch.Generator().manual_seed(0)
-    images, labels = tb.render_dataset(list(TRAIN_PROMPTS), 4, cfg.cameras, gen)
-    assert images.shape == (len(TRAIN_PROMPTS) * 4, 3, 32, 32)
-    assert labels.tolist() == [i for i in range(len(TRAIN_PROMPTS)) for _ in range(4)]
-    assert not set(HELDOUT_PROMPTS) & set(TRAIN_PROMPTS)
-    assert images.min() >= -1 and images.max() <= 1
-    # grey 0.5 is 0 in [-1, 1]; the scenes (radius <= 0.55) never reach the corners
-    assert images[:, :, 0, 0].abs().max() < 1e-6
+def test_prd_tiny_base_renders_every_training_scene_and_no_held_out_one(tmp_path, monkeypatch):
+    """``prd tiny-base`` end to end (2 optimizer steps each): every scene the builder renders
+    for its dataset, recorded at the renderer, is a training scene, each on the grey
+    background, and every training scene is shown."""
+    from prd import cli
+    from teachers.scenes import COLORS, parse_prompt, scene_color
+
+    rendered: list[tuple[str, tuple[float, ...], tuple[float, ...]]] = []
+    real = tb.render_scenes
+
+    def recording(shapes, colors, cameras, size, background, *args, **kwargs):
+        for shape, color in zip(shapes, colors.tolist()):
+            rendered.append((shape, tuple(color), tuple(background)))
+        return real(shapes, colors, cameras, size, background, *args, **kwargs)
+
+    monkeypatch.setattr(tb, "render_scenes", recording)
+    argv = ["tiny-base", "--out", str(tmp_path / "base"), "--views", "4", "--vae-steps", "2"]
+    assert cli.main([*argv, "--unet-steps", "2", "--threads", "1"]) == 0
+    assert (tmp_path / "base" / "unet").is_dir()
+    by_scene = {(parse_prompt(p)[1], tuple(scene_color(p).tolist())): p for p in TRAIN_PROMPTS}
+    held_out = {(parse_prompt(p)[1], tuple(scene_color(p).tolist())) for p in HELDOUT_PROMPTS}
+    assert len(held_out) == len(HELDOUT_PROMPTS) == 6 and len(COLORS) == 6
+    seen = {(shape, color) for shape, color, _ in rendered}
+    assert not seen & held_out
+    assert seen == set(by_scene)  # all 30 training scenes, 4 views each
+    assert len(rendered) == 4 * len(TRAIN_PROMPTS)
+    assert {bg for _, _, bg in rendered} == {(0.5, 0.5, 0.5)}
 
 
 def test_build_writes_a_loadable_base_with_unit_std_latents(tmp_path):
@@ -60,6 +77,12 @@ def test_build_writes_a_loadable_base_with_unit_std_latents(tmp_path):
     text = model.student.encode_text(["a red cube", "a red cube", "a blue cone"])
     assert torch.equal(text[0], text[1]) and not torch.allclose(text[0], text[2])
     assert torch.equal(model.student.unet.conv_in.weight, _unet_of(out).conv_in.weight)
+    # ... and a valid SD teacher folder: the same text states, its UNet as the student's base
+    from teachers.sd import load_pretrained
+
+    teacher = load_pretrained(out)
+    assert torch.equal(teacher.encode_text(["a red cube"])[0], text[0])
+    assert teacher.prediction_type == "epsilon" and teacher.downsampling() == 4
 
     with pytest.raises(FileExistsError, match="exists"):
         tb.build_tiny_base(out, cfg.cameras, FAST, log=lambda s: None)

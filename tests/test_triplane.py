@@ -75,7 +75,8 @@ def test_closed_form_sdf_gradient_equals_autograd_and_so_do_its_gradients():
     autograd's, at points inside and outside the planes' cube: values, and the gradients of
     a loss on both w.r.t. the planes and the SDF MLP's weights."""
     torch.manual_seed(0)
-    cfg = FieldConfig(channels=3, hidden=8, bound=0.6, sphere_radius=0.3)
+    # fixed orientation: non-square planes test the two plane axes apart
+    cfg = FieldConfig(channels=3, hidden=8, bound=0.6, sphere_radius=0.3, plane_orientation="fixed")
     dec = FieldDecoder(cfg).double()
     geo = torch.randn(2, 3, 3, 7, 5, dtype=torch.float64, requires_grad=True)
     tex = torch.zeros(2, 3, 3, 7, 5, dtype=torch.float64)
@@ -154,3 +155,66 @@ def test_one_sampling_for_sdf_and_deformation_matches_separate_calls_and_the_gri
     slow = evaluate_grid(SeparateCalls(), 9, n_objects=2, chunk=100)
     torch.testing.assert_close(fast[0], slow[0])
     torch.testing.assert_close(fast[1], slow[1])
+
+
+def test_colour_activations_against_their_formulas():
+    """The reference's sigmoid_mipnerf is sigmoid(x) * 1.002 - 0.001: 0.5 at 0, black and
+    white at finite logits, 0.001 past them at +-inf; plain sigmoid stays inside (0, 1)."""
+    from prd.triplane import color_activation
+
+    white = torch.logit(torch.tensor(1.001 / 1.002, dtype=torch.float64))
+    x = torch.tensor([-float("inf"), -white, 0.0, white, float("inf")], dtype=torch.float64)
+    expect = torch.tensor([-0.001, 0.0, 0.5, 1.0, 1.001], dtype=torch.float64)
+    torch.testing.assert_close(color_activation(x, "sigmoid_mipnerf"), expect)
+    torch.testing.assert_close(color_activation(x, "sigmoid"), torch.sigmoid(x))
+    with pytest.raises(ValueError, match="color_activation"):
+        FieldConfig(color_activation="relu")
+    # the field applies the configured activation to the colour MLP's output
+    torch.manual_seed(0)
+    tex = torch.randn(1, 3, 2, 4, 4)
+    pts = torch.rand(1, 5, 3) * 2 - 1
+    for name in ("sigmoid_mipnerf", "sigmoid"):
+        dec = FieldDecoder(FieldConfig(channels=2, hidden=4, color_activation=name))
+        field = dec.bind(tex, tex)
+        feats = sample_planes(field.texture, pts, 1.0).permute(0, 2, 1, 3).flatten(2)
+        logits = dec.color_mlp(feats)
+        torch.testing.assert_close(field.color(pts), color_activation(logits, name))
+
+
+def reference_v1_features(planes: torch.Tensor, point) -> list[torch.Tensor]:
+    """The reference's rotate_planes "v1" and projection, written naively for one object:
+    the xy plane transposed, xz rotated by 180 degrees, yz rotated 90 degrees clockwise,
+    then sampled at (x, y), (x, z) and (z, y) (width coordinate first)."""
+    xy, xz, yz = planes
+    x, y, z = point
+    return [
+        naive_bilinear(xy.transpose(1, 2), x, y, 1.0),
+        naive_bilinear(torch.rot90(xz, 2, dims=(1, 2)), x, z, 1.0),
+        naive_bilinear(torch.rot90(yz, -1, dims=(1, 2)), z, y, 1.0),
+    ]
+
+
+def test_v1_orientation_samples_as_the_reference_and_reads_upright():
+    g = torch.Generator().manual_seed(0)
+    planes = torch.randn(1, 3, 2, 6, 6, generator=g, dtype=torch.float64)
+    pts = (torch.rand(1, 9, 3, generator=g, dtype=torch.float64) * 2 - 1) * 0.95
+    dec = FieldDecoder(FieldConfig(channels=2, hidden=4)).double()  # v1 by default
+    field = dec.bind(planes, planes)
+    got = sample_planes(field.geometry, pts, 1.0)  # (1, 3, N, C)
+    for n in range(9):
+        want = reference_v1_features(planes[0], pts[0, n].tolist())
+        for p in range(3):
+            torch.testing.assert_close(got[0, p, n], want[p])
+    # upright pictures: in the generated yz plane, the top row is +z and the last column +y
+    ramp = torch.zeros(1, 3, 2, 6, 6, dtype=torch.float64)
+    ramp[0, 2, 0] = torch.arange(6.0).view(6, 1)  # channel 0: row index
+    ramp[0, 2, 1] = torch.arange(6.0).view(1, 6)  # channel 1: column index
+    field = dec.bind(ramp, ramp)
+    corner = torch.tensor([[[0.0, 1.0, 1.0]]], dtype=torch.float64)  # y = +1, z = +1
+    assert sample_planes(field.geometry, corner, 1.0)[0, 2, 0].tolist() == [0.0, 5.0]
+    fixed = FieldDecoder(FieldConfig(channels=2, hidden=4, plane_orientation="fixed")).double()
+    assert torch.equal(fixed.bind(planes, planes).geometry, planes)
+    with pytest.raises(ValueError, match="square"):
+        dec.bind(torch.zeros(1, 3, 2, 4, 6), torch.zeros(1, 3, 2, 4, 6))
+    with pytest.raises(ValueError, match="plane_orientation"):
+        FieldConfig(plane_orientation="v2")

@@ -283,12 +283,13 @@ def test_rays_missing_the_cube_are_transparent_and_config_checks():
         dict(near=5.0),
         dict(inv_std=0.0),
         dict(patch_size=0),
-        dict(background=(2.0, 0, 0)),
     ):
         with pytest.raises(ValueError):
             VolumeConfig(**bad)
     with pytest.raises(ValueError, match="background"):
         render_rays(field, origins, dirs, VolumeConfig(), background=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="background must be RGB values in"):
+        render_rays(field, origins, dirs, VolumeConfig(), background=(2.0, 0.0, 0.0))
 
 
 def test_colour_only_where_weights_matter():
