@@ -36,7 +36,7 @@ def test_two_ranks_of_b_update_as_one_rank_of_2b(tmp_path):
 
 
 PROBE = """
-import sys, time, torch
+import os, sys, time, torch
 from prd import distributed
 distributed.setup("cpu", timeout=float(sys.argv[1]))
 if torch.distributed.get_rank() == 1:
@@ -45,8 +45,8 @@ t0 = time.perf_counter()
 try:
     torch.distributed.all_reduce(torch.ones(3))
 except Exception as exc:
-    print(f"raised after {time.perf_counter() - t0:.1f} s: {type(exc).__name__}: {exc}")
-    sys.exit(5)
+    print(f"raised after {time.perf_counter() - t0:.1f} s: {type(exc).__name__}: {exc}", flush=True)
+    os._exit(5)  # the broken group's threads may abort a normal interpreter exit
 """
 
 
