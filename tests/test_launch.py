@@ -58,13 +58,13 @@ def test_kill_9_in_a_save_and_in_training_loses_nothing(straight, tmp_path):
 
 def test_two_nodes_on_one_machine_give_the_same_weights(straight, tmp_path):
     """torchrun --nnodes 2 --node_rank 0|1, one process each, c10d rendezvous on
-    localhost."""
+    localhost: the weights of step 2 of 2 processes on one node."""
     run_dir, port = tmp_path / "run", str(_free_port())
     rdzv = ("--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "t")
     nodes = [
         subprocess.Popen(
             torchrun("--nnodes", "2", "--node_rank", str(n), "--nproc_per_node", "1", *rdzv)
-            + ["-m", "prd", *prd_train(run_dir)],
+            + ["-m", "prd", *prd_train(run_dir, "train.steps=2")],
             env=clean_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -75,7 +75,7 @@ def test_two_nodes_on_one_machine_give_the_same_weights(straight, tmp_path):
     for p in nodes:
         _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-3000:]
-    assert_same_tensors(export(run_dir), export(straight))
+    assert_same_tensors(export(run_dir), export(straight, 2))
 
 
 SRUN = """#!/usr/bin/env bash
@@ -123,7 +123,7 @@ def test_slurm_sbatch_under_a_simulated_slurm(straight, tmp_path):
     )
     env.pop("PYTHONPATH")  # the script must find the code through PRD_REPO
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    args = run_args(Path("runs/slurm"))  # relative: to the submit directory
+    args = run_args(Path("runs/slurm"), "train.steps=2")  # relative: to the submit dir
     done = subprocess.run(
         ["bash", str(script), *args],
         env=env,
@@ -135,7 +135,7 @@ def test_slurm_sbatch_under_a_simulated_slurm(straight, tmp_path):
     tasks = "".join(p.read_text()[-2000:] for p in sorted(logs.iterdir()))
     assert done.returncode == 0, done.stderr[-2000:] + tasks
     assert "job 4242, 2 nodes x 1 processes" in done.stderr and "shared storage" in done.stderr
-    assert_same_tensors(export(submit / "runs" / "slurm"), export(straight))
+    assert_same_tensors(export(submit / "runs" / "slurm"), export(straight, 2))
 
 
 STUB = """#!/usr/bin/env bash
