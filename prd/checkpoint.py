@@ -149,10 +149,27 @@ def write_manifest(tag_dir: Path, step: int, world_size: int) -> None:
     write_atomic(tag_dir / MANIFEST, json.dumps(record, indent=1))
 
 
+def _legacy(tag_dir: Path) -> bool:
+    """A checkpoint written before manifests and consolidated copies (trainer files only)."""
+    return (
+        not (tag_dir / MANIFEST).exists()
+        and not (tag_dir / CONSOLIDATED).exists()
+        and (tag_dir / "trainer_rank0.pt").is_file()
+    )
+
+
+def _saved_world_size(tag_dir: Path) -> int:
+    if _legacy(tag_dir):
+        return len(list(tag_dir.glob("trainer_rank*.pt")))
+    return int(json.loads((tag_dir / MANIFEST).read_text())["world_size"])
+
+
 def checkpoint_problem(tag_dir: Path) -> str | None:
     """What is wrong with a checkpoint folder (a missing, truncated or altered file,
     named), or None when every file matches its manifest."""
     manifest = tag_dir / MANIFEST
+    if _legacy(tag_dir):
+        return None  # nothing to check it against; ``latest`` moved only once it was whole
     try:
         record = json.loads(manifest.read_text())
         files = record["files"]
@@ -230,9 +247,13 @@ def load_training_state(engine, run_dir: Path, rank: int, step: int) -> dict:
     states of every saved rank (for the prompt stream and the RNGs)."""
     ckpt = Path(run_dir) / CKPT_DIR
     tag = tag_for(step)
-    record = json.loads((ckpt / tag / MANIFEST).read_text())
-    saved_world = int(record["world_size"])
+    saved_world = _saved_world_size(ckpt / tag)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if saved_world != world and _legacy(ckpt / tag):
+        raise ValueError(
+            f"{ckpt / tag} was written by {saved_world} ranks before checkpoints carried a "
+            f"world-size-independent copy; resume it with {saved_world} ranks"
+        )
     if saved_world == world:
         load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False)
         if load_path is None:

@@ -128,3 +128,15 @@ def test_resume_takes_no_other_value(capsys, tmp_path):
         cli.main(["train", "--out", str(tmp_path), "--resume", "train.steps=7"])
     assert exit_.value.code == 2
     assert "put key=value overrides before --resume" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_manifests_still_resumes(tmp_path):
+    """A run folder whose checkpoint has trainer files but no manifest (written by an
+    earlier prd) is trusted as ``latest`` names it; its world size is its trainer files."""
+    tag = tmp_path / checkpoint.CKPT_DIR / checkpoint.tag_for(4)
+    tag.mkdir(parents=True)
+    for rank in (0, 1):
+        (tag / f"trainer_rank{rank}.pt").write_bytes(b"state")
+    checkpoint.write_atomic(tmp_path / checkpoint.CKPT_DIR / "latest", checkpoint.tag_for(4))
+    assert checkpoint.resumable_step(tmp_path) == 4
+    assert checkpoint._saved_world_size(tag) == 2
