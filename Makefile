@@ -14,7 +14,7 @@ install:
 	$(PIP) install -q -c $(LOCK) -e ".[dev]"
 
 demo: install
-	bash launch/oracle_demo.sh $(RUN)
+	PYTHON=$(PYTHON) bash launch/oracle_demo.sh $(RUN)
 
 test: install
 	$(PYTHON) -m ruff check .

@@ -4,6 +4,8 @@ Layout of a run folder:
   config.yaml                      the full resolved config of the run
   ckpt/step_00000100/              one DeepSpeed checkpoint (model + optimizer states)
   ckpt/step_00000100/trainer_rank0.pt   step, RNG states, prompt-stream position of rank 0
+  ckpt/step_00000100/consolidated.pt    fp32 weights + optimizer state per parameter name
+  ckpt/step_00000100/manifest.json      size and sha256 of every file above, world size
   ckpt/latest                      the tag of the newest *complete* checkpoint
   export/step_00000100.safetensors trainable weights alone (what ``prd sample`` loads)
   export/latest.safetensors        a copy of the newest export
@@ -16,10 +18,27 @@ not used: it is written in place, and before the other ranks are done. A kill mi
 thus leaves ``latest`` on the previous complete checkpoint; the partial tag folder is
 overwritten when training reaches that step again. Exports are written to a temporary
 name and renamed.
+
+A checkpoint is used only if its manifest (written last, by rank 0) matches its files: a
+truncated or corrupt ``latest`` (a disk filled up, a copy cut short) is named in the log,
+set aside as ``step_N.corrupt`` and the previous complete checkpoint is used; ``keep_ckpts``
+(default 2) keeps one to fall back on.
+
+Another world size on resume: DeepSpeed 0.19 refuses to load ZeRO optimizer partitions
+saved by another data-parallel size, and its universal checkpoint needs an offline
+conversion (``ds_to_universal``) of every checkpoint. The trainable tensors here are only
+the adapters and field MLPs (0.26 MiB in the tiny run, ~22.7M values at SD size), so each
+save also writes ``consolidated.pt``: every trainable parameter's fp32 master weight and
+optimizer state by parameter name, gathered with DeepSpeed's tensor-fragment API
+(``safe_get_full_*``), which is independent of how ZeRO partitions them. A resume on
+another world size loads the module from DeepSpeed's files and scatters these tensors into
+the new partitions (``safe_set_full_*``); a resume on the same world size loads DeepSpeed's
+own files, bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -33,6 +52,8 @@ from prd.distributed import barrier
 
 CKPT_DIR = "ckpt"
 EXPORT_DIR = "export"
+MANIFEST = "manifest.json"
+CONSOLIDATED = "consolidated.pt"
 
 
 def tag_for(step: int) -> str:
@@ -60,9 +81,15 @@ def save_training_state(engine, run_dir: Path, step: int, rank: int, trainer_sta
     """Save a complete checkpoint of ``step`` (collective: every rank calls it)."""
     ckpt = Path(run_dir) / CKPT_DIR
     tag = tag_for(step)
+    if rank == 0 and (ckpt / tag).exists():
+        # a partial save of this step by a killed run (``latest`` is older): start clean,
+        # so no file of another world size stays behind
+        shutil.rmtree(ckpt / tag)
+    barrier()
     (ckpt / tag).mkdir(parents=True, exist_ok=True)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     tmp = ckpt / tag / f"trainer_rank{rank}.pt.tmp"
-    torch.save(trainer_state, tmp)
+    torch.save({**trainer_state, "world_size": world}, tmp)
     os.replace(tmp, ckpt / tag / f"trainer_rank{rank}.pt")
     barrier()
     engine.save_checkpoint(
@@ -72,8 +99,12 @@ def save_training_state(engine, run_dir: Path, step: int, rank: int, trainer_sta
         save_latest=False,
         exclude_frozen_parameters=True,
     )
+    consolidated = consolidate(engine)  # collective
+    if rank == 0:
+        torch.save(consolidated, ckpt / tag / CONSOLIDATED)
     barrier()  # every rank's files are complete
     if rank == 0:
+        write_manifest(ckpt / tag, step, world)
         write_atomic(ckpt / "latest", tag)
     barrier()
 
@@ -96,27 +127,240 @@ def latest_step(run_dir: Path) -> int | None:
     return int(tag.removeprefix("step_"))
 
 
-def load_training_state(engine, run_dir: Path, rank: int) -> dict:
-    """Restore model and optimizer into ``engine``; returns this rank's trainer state."""
-    step = latest_step(run_dir)
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / CKPT_DIR}")
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(tag_dir: Path, step: int, world_size: int) -> None:
+    """Record size and sha256 of every file of a finished checkpoint (rank 0, last)."""
+    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    record = {
+        "step": step,
+        "world_size": world_size,
+        "files": {
+            str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files
+        },
+    }
+    write_atomic(tag_dir / MANIFEST, json.dumps(record, indent=1))
+
+
+def _legacy(tag_dir: Path) -> bool:
+    """A checkpoint written before manifests and consolidated copies (trainer files only)."""
+    return (
+        not (tag_dir / MANIFEST).exists()
+        and not (tag_dir / CONSOLIDATED).exists()
+        and (tag_dir / "trainer_rank0.pt").is_file()
+    )
+
+
+def _saved_world_size(tag_dir: Path) -> int:
+    if _legacy(tag_dir):
+        return len(list(tag_dir.glob("trainer_rank*.pt")))
+    return int(json.loads((tag_dir / MANIFEST).read_text())["world_size"])
+
+
+def checkpoint_problem(tag_dir: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a missing, truncated or altered file,
+    named), or None when every file matches its manifest."""
+    manifest = tag_dir / MANIFEST
+    if _legacy(tag_dir):
+        return None  # nothing to check it against; ``latest`` moved only once it was whole
+    try:
+        record = json.loads(manifest.read_text())
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{manifest}: missing or unreadable ({exc})"
+    for name, want in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path}: {size} bytes, the manifest says {want['bytes']} (truncated?)"
+        if _sha256(path) != want["sha256"]:
+            return f"{path}: contents differ from the manifest's sha256 (corrupt)"
+    return None
+
+
+def resumable_step(run_dir: Path, log=print) -> int | None:
+    """The newest checkpoint step whose files are whole, or None when the run has no
+    ``latest`` yet. A damaged ``latest`` (and any damaged older one) is named through
+    ``log`` and skipped; ValueError when no checkpoint at all is whole. Read-only."""
+    latest = latest_step(run_dir)
+    if latest is None:
+        return None
+    ckpt = Path(run_dir) / CKPT_DIR
+    steps = sorted(
+        (int(p.name.removeprefix("step_")) for p in ckpt.glob("step_*") if p.name[5:].isdigit()),
+        reverse=True,
+    )
+    problems = []
+    for step in [s for s in steps if s <= latest]:
+        problem = checkpoint_problem(ckpt / tag_for(step))
+        if problem is None:
+            if problems:
+                log(f"checkpoint of step {latest} is damaged ({problems[0]}); using step {step}")
+            return step
+        problems.append(problem)
+    raise ValueError(
+        f"no whole checkpoint in {ckpt} to resume from: " + "; ".join(problems or ["none found"])
+    )
+
+
+def set_aside_damaged(run_dir: Path, good_step: int) -> None:
+    """Rename the checkpoints after ``good_step`` up to ``latest`` (whole once, damaged
+    since: ``resumable_step`` skipped them) to ``step_N.corrupt`` and point ``latest`` at
+    ``good_step`` (rank 0). Nothing damaged is deleted or reused; a folder after ``latest``
+    is an interrupted save, replaced when training saves that step again."""
+    ckpt = Path(run_dir) / CKPT_DIR
+    latest = latest_step(run_dir) or 0
+    for p in sorted(ckpt.glob("step_*")):
+        if p.name[5:].isdigit() and good_step < int(p.name[5:]) <= latest:
+            target, n = p.with_name(p.name + ".corrupt"), 1
+            while target.exists():
+                target, n = p.with_name(f"{p.name}.corrupt{n}"), n + 1
+            os.replace(p, target)
+    if latest != good_step:
+        write_atomic(ckpt / "latest", tag_for(good_step))
+
+
+def _load_own(path: Path) -> dict:
+    """Our own checkpoint file (torch.save of plain containers and RNG tensors); a damaged
+    one raises ValueError naming it."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as exc:  # unpickling raises many types; all mean a damaged file
+        raise ValueError(
+            f"{path}: not a readable checkpoint file ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def load_training_state(engine, run_dir: Path, rank: int, step: int) -> dict:
+    """Restore model and optimizer of checkpoint ``step`` into ``engine``; returns this
+    rank's trainer state. On another world size than the checkpoint's, the optimizer is
+    resharded from ``consolidated.pt`` and the trainer state has ``"resharded_from"``: the
+    states of every saved rank (for the prompt stream and the RNGs)."""
     ckpt = Path(run_dir) / CKPT_DIR
     tag = tag_for(step)
-    state_file = ckpt / tag / f"trainer_rank{rank}.pt"
-    if not state_file.is_file():
-        raise FileNotFoundError(
-            f"{state_file} is missing: the checkpoint was written by fewer ranks than this run "
-            "has; resume with the same world size"
+    saved_world = _saved_world_size(ckpt / tag)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if saved_world != world and _legacy(ckpt / tag):
+        raise ValueError(
+            f"{ckpt / tag} was written by {saved_world} ranks before checkpoints carried a "
+            f"world-size-independent copy; resume it with {saved_world} ranks"
         )
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt / tag}")
-    # our own file, written by torch.save of plain containers and RNG tensors
-    state = torch.load(state_file, weights_only=False)
+    if saved_world == world:
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt / tag}")
+        state = _load_own(ckpt / tag / f"trainer_rank{rank}.pt")
+    else:
+        load_path, _ = engine.load_checkpoint(
+            str(ckpt),
+            tag=tag,
+            load_module_strict=False,
+            load_optimizer_states=False,
+            load_lr_scheduler_states=False,
+            load_module_only=True,
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt / tag}")
+        scatter_consolidated(engine, _load_own(ckpt / tag / CONSOLIDATED))
+        states = [_load_own(ckpt / tag / f"trainer_rank{r}.pt") for r in range(saved_world)]
+        state = dict(states[min(rank, saved_world - 1)])
+        state["resharded_from"] = states
     if state["step"] != step:
-        raise ValueError(f"{state_file} holds step {state['step']}, expected {step}")
+        raise ValueError(f"{ckpt / tag}: trainer state holds step {state['step']}, expected {step}")
     return state
+
+
+def restore_position(state: dict, generator: torch.Generator, stream, rank: int, seed: int) -> None:
+    """Put the RNGs and the prompt stream where ``state`` (from ``load_training_state``)
+    left them. After a world-size change the stream is dealt from every saved rank's
+    position; a rank that did not exist before draws from seeds of (seed, rank, step): no
+    other rank's random numbers are replayed."""
+    old = state.get("resharded_from")
+    if old is None:
+        set_rng_state(state["rng"], generator)
+        stream.load_state_dict(state["stream"])
+        return
+    if rank < len(old):
+        set_rng_state(old[rank]["rng"], generator)
+    else:
+        fresh = seed + 1000 * rank + 1_000_003 * state["step"]
+        generator.manual_seed(fresh)
+        torch.manual_seed(fresh)
+        np.random.seed(fresh % 2**32)
+        random.seed(fresh)
+    stream.load_resharded([s["stream"] for s in old])
+
+
+def consolidate(engine) -> dict:
+    """Every trainable parameter's fp32 master weight and optimizer state, by name, whole
+    (collective: every rank calls it; the same result on every rank). Optimizer entries
+    that are not per-element (a step count) are kept from the first parameter group."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    base = engine.optimizer.optimizer  # the wrapped torch optimizer (ZeRO's flat partitions)
+    keys, scalars = [], {}
+    for flat in base.param_groups[0]["params"]:
+        for key, value in base.state[flat].items():
+            if torch.is_tensor(value) and value.shape == flat.shape:
+                keys.append(key)
+            else:
+                scalars[key] = value.clone() if torch.is_tensor(value) else value
+    params = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        full = {"fp32": safe_get_full_fp32_param(p).cpu()}
+        for key in keys:
+            full[key] = safe_get_full_optimizer_state(p, key).cpu()
+        params[name] = full
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    return {"params": params, "scalars": scalars, "param_groups": groups}
+
+
+def scatter_consolidated(engine, consolidated: dict) -> None:
+    """Put a ``consolidate`` result into this rank's ZeRO partitions and the module's
+    weights (any world size); KeyError naming parameters that do not match."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    saved = consolidated["params"]
+    trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    if saved.keys() != trainable.keys():
+        missing, extra = (
+            sorted(trainable.keys() - saved.keys()),
+            sorted(saved.keys() - trainable.keys()),
+        )
+        raise KeyError(f"consolidated checkpoint: missing {missing[:5]}, unexpected {extra[:5]}")
+    base = engine.optimizer.optimizer
+    # Before its first step the torch optimizer has no state (it creates it lazily) and
+    # ZeRO has not tied the parameters' fragments to it: create the entries, then let ZeRO
+    # tie them (what it does itself after the first step), then fill them in.
+    keys = sorted({k for tensors in saved.values() for k in tensors if k != "fp32"})
+    for flat in (f for g in base.param_groups for f in g["params"]):
+        for key in keys:
+            base.state[flat].setdefault(key, torch.zeros_like(flat))
+        for key, value in consolidated["scalars"].items():
+            base.state[flat][key] = value.clone() if torch.is_tensor(value) else value
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+    for name, p in trainable.items():
+        for key, value in saved[name].items():
+            if key == "fp32":
+                safe_set_full_fp32_param(p, value.to(p.device))
+                with torch.no_grad():
+                    p.copy_(value.to(p.dtype))
+            else:
+                safe_set_full_optimizer_state(p, value.to(p.device), key)
+    for group, saved_group in zip(base.param_groups, consolidated["param_groups"]):
+        group.update(saved_group)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -125,7 +369,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     if current is None or keep < 1:
         return
     ckpt = Path(run_dir) / CKPT_DIR
-    tags = sorted(p for p in ckpt.glob("step_*") if p.is_dir())
+    tags = sorted(p for p in ckpt.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
     done = [p for p in tags if int(p.name.removeprefix("step_")) <= current]
     for old in done[:-keep]:
         shutil.rmtree(old)

@@ -22,8 +22,19 @@ from renderers.volume import VolumeConfig
 
 
 def read_prompt_lines(path: str | Path, what: str) -> list[str]:
-    """The non-blank lines of a text file, stripped; ValueError naming ``what`` if none."""
-    prompts = [s.strip() for s in Path(path).read_text().splitlines() if s.strip()]
+    """The non-blank lines of a UTF-8 text file, stripped; ValueError naming ``what`` if
+    none, or the file and line of bytes that are not UTF-8."""
+    prompts = []
+    for i, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{what} {path}:{i}: bytes that are not UTF-8 ({raw[exc.start : exc.end]!r} at "
+                f"column {exc.start + 1}); save the file as UTF-8"
+            ) from None
+        if line:
+            prompts.append(line)
     if not prompts:
         raise ValueError(f"{what} {path} holds no prompts")
     return prompts
@@ -55,8 +66,12 @@ class PromptsConfig:
             raise ValueError(f"prompts.file {self.file!r} is not a file")
 
     def resolve(self) -> str | list[str]:
-        """What the prompt stream reads: a curated folder or a list of prompts."""
+        """What the prompt stream reads: a curated folder (its shards checked against
+        its manifest) or a list of prompts."""
         if self.source is not None:
+            from prompts.curate import verify_shards
+
+            verify_shards(self.source)
             return self.source
         if self.file is not None:
             return read_prompt_lines(self.file, "prompts.file")
@@ -124,6 +139,9 @@ class TrainConfig:
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
     deepspeed_json: str | None = None
     """Extra DeepSpeed settings (JSON file) merged over the generated ones, e.g. offload."""
+    collective_timeout: float = 1800.0
+    """Seconds a collective (all-reduce, barrier) waits for the other ranks before the run
+    fails, instead of hanging when a rank died unnoticed (torch's default is 30 min)."""
     # validation under ``prd eval``'s protocol (prd.evaluate.TrainingEval)
     eval_every: int = 0
     """Sample and score eval_prompts every N steps (CLIP score, R@1; 0 disables)."""
@@ -152,6 +170,8 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.ckpt_every < 1 or self.keep_ckpts < 1 or self.max_nonfinite_in_row < 1:
             raise ValueError("train.ckpt_every, keep_ckpts and max_nonfinite_in_row must be >= 1")
+        if self.collective_timeout <= 0:
+            raise ValueError(f"train.collective_timeout must be > 0, got {self.collective_timeout}")
         if not all(0.0 <= c <= 1.0 for c in self.background):
             raise ValueError(f"train.background must be 3 values in [0, 1], got {self.background}")
         if self.deepspeed_json is not None and not Path(self.deepspeed_json).is_file():

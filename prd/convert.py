@@ -79,6 +79,7 @@ def convert_vae(src: dict[str, torch.Tensor], scaling_factor: float):
 def convert(model: str, checkpoint, out, ldm_kwargs: dict | None = None) -> Path:
     """Write the diffusers folder of an original checkpoint (module docstring); returns it."""
     from teachers import multiview_unet, mvdream, richdreamer
+    from teachers.files import torch_load
 
     if model not in MODELS:
         raise ValueError(f"convert: model must be one of {MODELS}, got {model!r}")
@@ -88,7 +89,7 @@ def convert(model: str, checkpoint, out, ldm_kwargs: dict | None = None) -> Path
     if out.exists():
         raise FileExistsError(f"convert: {out} exists; give a new folder")
     module = mvdream if model == "mvdream" else richdreamer
-    src = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    src = torch_load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     if "state_dict" in src and isinstance(src["state_dict"], dict):
         src = src["state_dict"]
     unet = multiview_unet.load_original(src, ldm_kwargs or module.RELEASED)

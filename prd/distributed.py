@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -49,11 +51,14 @@ def _skip_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def setup(device: str = "auto") -> DistInfo:
+def setup(device: str = "auto", timeout: float = 1800.0) -> DistInfo:
     """Initialize torch.distributed through DeepSpeed; returns this process's place.
 
     device: "auto" (CUDA when available, else CPU), "cpu" or "cuda". The caller's choice
     decides the accelerator; nothing here hard-codes a device index beyond LOCAL_RANK.
+    timeout: seconds a collective waits for the other ranks before it raises (a rank that
+    died without the launcher noticing then ends the run instead of hanging it). With
+    NCCL it takes effect through TORCH_NCCL_ASYNC_ERROR_HANDLING (on by default).
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device not in ("auto", "cpu", "cuda"):
@@ -71,7 +76,9 @@ def setup(device: str = "auto") -> DistInfo:
     if not use_cuda:
         _skip_shm_comm()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        deepspeed.init_distributed(
+            dist_backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout)
+        )
     rank = torch.distributed.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -80,6 +87,12 @@ def setup(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     return DistInfo(rank, torch.distributed.get_world_size(), local_rank, dev)
+
+
+def log_main(message: str) -> None:
+    """Print a line on stderr from the main process only (RANK 0, or no launcher)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"prd: {message}", file=sys.stderr, flush=True)
 
 
 def barrier() -> None:

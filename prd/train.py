@@ -51,10 +51,28 @@ class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many non-finite losses); checkpoints are intact."""
 
 
+def _resume_value(text: str) -> str:
+    if text != "auto":
+        import argparse
+
+        raise argparse.ArgumentTypeError(
+            f"takes nothing or 'auto', got {text!r} (put key=value overrides before --resume)"
+        )
+    return text
+
+
 def add_arguments(p) -> None:
     p.add_argument("--config", action="append", default=[], help="YAML preset (repeatable)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, exports)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_resume_value,
+        help="continue from the run's last whole checkpoint; --resume auto: continue when "
+        "there is one, else start (what a restarting launcher passes)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
 
 
@@ -155,7 +173,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 def check_resumable(saved_yaml: str, cfg: Config, run_dir: Path) -> None:
     """A resumed run must be the same run: only train.steps and logging may change."""
     saved = load_config_text(Config, saved_yaml)
-    free = ("steps", "log_every", "image_every", "ckpt_every", "keep_ckpts")
+    free = ("steps", "log_every", "image_every", "ckpt_every", "keep_ckpts", "collective_timeout")
     free += ("eval_every", "eval_prompts", "eval_clip")  # evaluation leaves training alone
     for name in free:
         setattr(saved.train, name, getattr(cfg.train, name))
@@ -169,23 +187,27 @@ def check_resumable(saved_yaml: str, cfg: Config, run_dir: Path) -> None:
         )
 
 
-def check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
-    """Fail before any heavy work if ``run_dir`` does not fit ``resume`` (read-only, so
-    every rank runs it and all of them fail together)."""
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool | str) -> int | None:
+    """Fail before any heavy work if ``run_dir`` does not fit ``resume`` (True, False or
+    "auto"); returns the checkpoint step to resume from, or None to start. Read-only, so
+    every rank runs it and all of them fail together."""
     done = checkpoint.latest_step(run_dir)
+    if resume == "auto":
+        resume = done is not None
     if not resume:
         if done is not None:
             raise ValueError(
                 f"{run_dir} already holds a run (checkpoint of step {done}); pass --resume "
                 "or use a new folder"
             )
-        return
+        return None
     cfg_file = run_dir / "config.yaml"
     if done is None or not cfg_file.is_file():
         raise FileNotFoundError(
             f"--resume: {run_dir} holds no complete checkpoint and config.yaml to resume from"
         )
     check_resumable(cfg_file.read_text(), cfg, run_dir)
+    return checkpoint.resumable_step(run_dir, log=distributed.log_main)
 
 
 def encode_text(model: PRDModel, cache: EmbeddingCache | None, prompts, device) -> torch.Tensor:
@@ -208,23 +230,27 @@ def student_base(model: PRDModel, cfg: Config, cache, device) -> StudentBase:
     )
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
-    """Run (or resume) distillation into ``run_dir``; returns a summary of the last step."""
+def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
+    """Run (or resume) distillation into ``run_dir``; returns a summary of the last step.
+    resume: False (a new run), True (continue; fails without a checkpoint) or "auto"
+    (continue when the folder holds a checkpoint, else start)."""
     # fail before any process group or model exists: run folder, prompts, weight folders
     run_dir = Path(run_dir)
     cfg.prompts.resolve()
-    check_run_dir(cfg, run_dir, resume)
+    resume_step = check_run_dir(cfg, run_dir, resume)
     check_base(cfg.student)
     check_teachers(cfg.teachers, cfg.student.pretrained)
     evaluator = TrainingEval.from_config(cfg.train)  # None unless train.eval_every
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
-    info = distributed.setup(cfg.train.device)
+    info = distributed.setup(cfg.train.device, timeout=cfg.train.collective_timeout)
     import deepspeed
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        if resume_step is not None:
+            checkpoint.set_aside_damaged(run_dir, resume_step)
     distributed.barrier()
 
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)
@@ -250,11 +276,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     )
     stream = make_stream(cfg, info)
     start, nonfinite_in_row, nonfinite_total = 0, 0, 0
-    if resume:
-        state = checkpoint.load_training_state(engine, run_dir, info.rank)
+    if resume_step is not None:
+        state = checkpoint.load_training_state(engine, run_dir, info.rank, resume_step)
         start = state["step"]
-        checkpoint.set_rng_state(state["rng"], gen)
-        stream.load_state_dict(state["stream"])
+        checkpoint.restore_position(state, gen, stream, info.rank, cfg.train.seed)
         nonfinite_in_row, nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
 
     t_cfg = cfg.train

@@ -136,9 +136,13 @@ def save_weights(model, cfg, run_dir: Path, step: int, is_main: bool = True) -> 
 
 
 def read_config_yaml(path: Path) -> str:
-    """The full config a weights file was trained with."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    """The full config a weights file was trained with (ValueError naming a file that
+    is not a readable safetensors file, e.g. one cut short by a full disk)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a PRD weights file (format {meta.get('format')!r})")
     return meta["config"]

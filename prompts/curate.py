@@ -262,7 +262,26 @@ def load_manifest(folder: str | Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a curated prompt folder: no manifest.json")
-    manifest = json.loads(path.read_text("utf-8"))
-    if manifest.get("format") != MANIFEST_FORMAT:
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
     return manifest
+
+
+def verify_shards(folder: str | Path, split: str = "train") -> None:
+    """Check that every shard of ``split`` is the file the manifest describes (sha256):
+    a missing, truncated or altered shard raises naming it, before any is read."""
+    folder = Path(folder)
+    for shard in load_manifest(folder)["splits"][split]["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard of {folder / 'manifest.json'} is missing")
+        if _file_sha256(path) != shard["sha256"]:
+            raise ValueError(
+                f"{path}: contents differ from the sha256 in {folder / 'manifest.json'} "
+                "(truncated or altered shard); curate the folder again"
+            )

@@ -14,6 +14,13 @@ The position is then just (epoch, prompts consumed in the epoch). A `datasets` s
 buffer's contents would be lost on resume; here resuming regenerates the order, skips
 the consumed shards without reading them and re-permutes the current one, so no prompt
 of an epoch is lost or seen twice. Shards are read with `datasets` streaming.
+
+Another world size on resume (`PromptStream.load_resharded`, from the states of all the
+old ranks): the old ranks' orders are regenerated as prompt ids (a prompt's row in the
+whole data; no data is read for this), what they had not consumed of their open epochs
+is interleaved rank by rank and dealt to the new ranks ("carry"), and whole epochs at the
+new world size follow. So within every epoch no prompt is lost or seen twice. A carried
+stream's state holds the old states it was dealt from until its carry is consumed.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 STATE_VERSION = 1
+RESHARD_KEYS = ("seed", "shuffle", "fingerprint")
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -58,8 +66,9 @@ class PromptStream:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         if isinstance(source, (str, Path)):
-            from prompts.curate import load_manifest
+            from prompts.curate import load_manifest, verify_shards
 
+            verify_shards(source)  # hashes every shard once: a damaged one fails here
             self._folder = Path(source)
             shards = load_manifest(self._folder)["splits"]["train"]["shards"]
             self._files = [str(self._folder / s["file"]) for s in shards]
@@ -88,6 +97,10 @@ class PromptStream:
                 f"{int(self._rows.sum())} prompts"
             )
         self._iter = self._epoch_iter(0, 0)
+        # prompts dealt from the open epochs of another world size (load_resharded)
+        self._carry: dict | None = None
+        self._carry_items: list[tuple[int, int]] = []
+        self._carry_taken = 0
 
     # -- the order of an epoch -------------------------------------------------------
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,10 +162,121 @@ class PromptStream:
             yield from group[skip:]
             skip = 0
 
+    # -- prompt ids: a prompt's row in the whole data (manifest order), for resharding --
+    def rank_ids(self, epoch: int, rank: int, world_size: int) -> np.ndarray:
+        """Ids of the prompts that ``rank`` of ``world_size`` reads in ``epoch``, in its
+        order (the order ``_epoch_iter`` yields them; computed without reading data)."""
+        if self._list is not None:
+            n = len(self._list)
+            order = _rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
+            return order[rank::world_size]
+        n, w = len(self._rows), world_size
+        base = np.concatenate([[0], np.cumsum(self._rows)[:-1]])
+        order = _rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
+        shards = order[rank::w] if n % w == 0 else order
+        start, parts = 0, []
+        for sid in shards.tolist():
+            rows = np.arange(self._rows[sid])
+            if n % w:  # every rank reads all shards and keeps global positions = rank mod w
+                rows = rows[(start + rows) % w == rank]
+                start += int(self._rows[sid])
+            if self.shuffle:
+                rows = rows[_rng(self.seed, epoch, sid + 1).permutation(len(rows))]
+            parts.append(base[sid] + rows)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _prompts_of(self, ids: list[int]) -> list[str]:
+        """The prompts with these ids. A curated folder's shards that hold any of them are
+        read whole (a carry can span every shard: ~100 MB of text at 1.7M prompts)."""
+        if self._list is not None:
+            return [self._list[i] for i in ids]
+        import pyarrow.parquet as pq
+
+        base = np.concatenate([[0], np.cumsum(self._rows)])
+        shard_of = np.searchsorted(base, ids, side="right") - 1
+        text = {}
+        for sid in sorted(set(shard_of.tolist())):
+            table = pq.read_table(self._files[sid], columns=["prompt"])
+            text[sid] = table.column(0).to_pylist()
+        return [text[s][i - base[s]] for s, i in zip(shard_of.tolist(), ids)]
+
+    def _open_ids(self, state: dict) -> tuple[int, dict[int, list[int]]]:
+        """(epoch of the state's normal position, {epoch: ids the state's rank was dealt
+        there and has not consumed}) for the open epochs of a saved state."""
+        rank, world = state["rank"], state["world_size"]
+        left: dict[int, list[int]] = {}
+        if state.get("carry") is not None:
+            items, _ = self._dealt(state["carry"]["from"], rank, world)
+            for e, i in items[state["carry"]["taken"] :]:
+                left.setdefault(e, []).append(i)
+        epoch = int(state["epoch"])
+        left.setdefault(epoch, []).extend(
+            self.rank_ids(epoch, rank, world)[state["offset"] :].tolist()
+        )
+        return epoch, left
+
+    def _dealt(
+        self, old_states: list[dict], rank: int, world_size: int
+    ) -> tuple[list[tuple[int, int]], int]:
+        """(epoch, id) of the prompts that the old ranks left in their open epochs and that
+        go to ``rank`` of ``world_size``: each epoch's rest, interleaved over old ranks in
+        their order, then dealt round robin; epochs in order. Also the first epoch after
+        them (whole epochs of the new layout start there)."""
+        old_world = len(old_states)
+        for r, st in enumerate(old_states):
+            if st["rank"] != r or st["world_size"] != old_world:
+                raise ValueError(
+                    f"prompt stream states: entry {r} is rank {st['rank']} of "
+                    f"{st['world_size']}, expected rank {r} of {old_world}"
+                )
+        opened = [self._open_ids(st) for st in old_states]
+        lo = min(min(left) for _, left in opened)
+        hi = max(epoch for epoch, _ in opened)
+        items: list[tuple[int, int]] = []
+        for e in range(lo, hi + 1):
+            rests = []
+            for r, (epoch, left) in enumerate(opened):
+                if e in left:
+                    rests.append(left[e])
+                elif e > epoch:  # not started by this old rank
+                    rests.append(self.rank_ids(e, r, old_world).tolist())
+                else:  # finished by this old rank
+                    rests.append([])
+            longest = max(len(x) for x in rests)
+            items += [(e, x[j]) for j in range(longest) for x in rests if j < len(x)]
+        return items[rank::world_size], hi + 1
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Continue from the saved states of every rank of another world size (index =
+        old rank): what they left of their open epochs is dealt over the ranks of this
+        layout, then whole epochs follow. No prompt of an epoch is lost or repeated."""
+        for key in RESHARD_KEYS:
+            mine = getattr(self, "_fingerprint" if key == "fingerprint" else key)
+            if any(st[key] != mine for st in states):
+                raise ValueError(
+                    f"prompt stream states have another {key} than this stream ({mine!r}); "
+                    "resume with the same data and seed"
+                )
+        self._carry_items, next_epoch = self._dealt(states, self.rank, self.world_size)
+        self._carry = {"from": states, "taken": 0, "next_epoch": next_epoch}
+        self._carry_taken = 0
+        if not self._carry_items:  # the old ranks stopped exactly at an epoch's end
+            self._carry = None
+        self._epoch, self._offset = next_epoch, 0
+        self._epoch_len = int(self._plan(self._epoch)[1].sum())
+        self._iter = self._epoch_iter(self._epoch, 0)
+
     # -- public API -----------------------------------------------------------------
     def next_batch(self) -> list[str]:
         """The next batch_size prompts of this rank; an exhausted epoch rolls to the next."""
         out: list[str] = []
+        if self._carry is not None:
+            end = min(self._carry_taken + self.batch_size, len(self._carry_items))
+            ids = [i for _, i in self._carry_items[self._carry_taken : end]]
+            out += self._prompts_of(ids)
+            self._carry_taken = end
+            if end == len(self._carry_items):
+                self._carry, self._carry_items = None, []
         while len(out) < self.batch_size:
             if self._offset == self._epoch_len:
                 self._epoch, self._offset = self._epoch + 1, 0
@@ -167,6 +291,8 @@ class PromptStream:
     @property
     def epoch(self) -> int:
         """Epoch of the next prompt (0-based)."""
+        if self._carry is not None:
+            return self._carry_items[self._carry_taken][0]
         return self._epoch if self._offset < self._epoch_len else self._epoch + 1
 
     def __len__(self) -> int:
@@ -184,6 +310,7 @@ class PromptStream:
             "rank": self.rank,
             "world_size": self.world_size,
             "fingerprint": self._fingerprint,
+            "carry": None if self._carry is None else {**self._carry, "taken": self._carry_taken},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -203,3 +330,8 @@ class PromptStream:
             raise ValueError(f"offset {offset} outside epoch {epoch} of {length} prompts")
         self._epoch, self._offset, self._epoch_len = epoch, offset, length
         self._iter = self._epoch_iter(epoch, offset)
+        self._carry, self._carry_items, self._carry_taken = None, [], 0
+        if state.get("carry") is not None:
+            carry = state["carry"]
+            self._carry_items, _ = self._dealt(carry["from"], self.rank, self.world_size)
+            self._carry, self._carry_taken = dict(carry), int(carry["taken"])

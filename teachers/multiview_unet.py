@@ -21,10 +21,11 @@ keys; the map is built from the configuration, and both directions are strict.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import Tensor
+
+from teachers.files import torch_load
 
 PREFIX = "model.diffusion_model."
 """Where the UNet's tensors live in an ldm checkpoint (LatentDiffusion.model.diffusion_model)."""
@@ -326,7 +327,7 @@ def unet_state_dict(src) -> dict[str, Tensor]:
     name = "state dict"
     if not isinstance(src, dict):
         name = str(src)
-        src = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        src = torch_load(src, map_location="cpu", weights_only=True, mmap=True)
     if "state_dict" in src and isinstance(src["state_dict"], dict):
         src = src["state_dict"]
     sd = {k[len(PREFIX) :]: v for k, v in src.items() if k.startswith(PREFIX)}

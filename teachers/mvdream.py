@@ -24,6 +24,7 @@ from torch import Tensor
 from renderers.cameras import Cameras
 from teachers import multiview_unet as mv
 from teachers.base import TextMemo
+from teachers.files import load_part
 
 RELEASED = dict(
     image_size=32,
@@ -197,7 +198,7 @@ def load_unet(pretrained: str | Path, ldm_kwargs: dict, dtype=torch.float32) -> 
         sub = path / "unet" if (path / "unet" / "config.json").is_file() else path
         if not (sub / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no unet/config.json (not a `prd convert` folder)")
-        unet = mv.MultiViewUNet.from_pretrained(sub, torch_dtype=dtype)
+        unet = load_part(sub, lambda: mv.MultiViewUNet.from_pretrained(sub, torch_dtype=dtype))
         return unet.requires_grad_(False).eval()
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
@@ -213,8 +214,13 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype, device=None):
     for sub in ("text_encoder", "tokenizer"):
         if not (folder / sub).is_dir():
             raise FileNotFoundError(f"text-encoder folder {folder} has no {sub}/")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+    tokenizer = load_part(
+        folder / "tokenizer", lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    )
+    encoder = load_part(
+        folder / "text_encoder",
+        lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
+    )
     return encoder.to(device).requires_grad_(False).eval(), tokenizer
 
 

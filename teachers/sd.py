@@ -35,6 +35,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from renderers.cameras import Cameras
 from teachers.base import TextMemo
+from teachers.files import load_part
 from teachers.noise import NoiseSchedule
 
 TEXT_LENGTH = 77
@@ -282,11 +283,27 @@ def load_parts(
     folder = check_sd_folder(folder, key)
     text = model = None
     if unet:
-        model = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        model = load_part(
+            folder / "unet",
+            lambda: UNet2DConditionModel.from_pretrained(
+                folder, subfolder="unet", torch_dtype=dtype
+            ),
+        )
+        text = load_part(
+            folder / "text_encoder",
+            lambda: CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
+        )
+    vae = load_part(
+        folder / "vae",
+        lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+    )
+    tokenizer = load_part(
+        folder / "tokenizer", lambda: CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    )
+    scheduler = load_part(
+        folder / "scheduler",
+        lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
     return tokenizer, text, model, vae, scheduler
 
 
