@@ -38,6 +38,7 @@ from prd.arch import (
 )
 from prd.peta import PetaConfig, PetaModules, apply_peta, base_model, peta_parameter_groups
 from prompts.tokenizer import build_clip_tokenizer
+from teachers.sd import token_ids
 
 
 @dataclass
@@ -195,13 +196,7 @@ class PRDStudent(nn.Module):
     def eos_positions(self, prompts: list[str]) -> torch.Tensor:
         """(B,) int64: where each prompt's end-of-text token sits among the 77 tokens of
         ``encode_text`` (CLIP's pooled output is the final state there)."""
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=TEXT_LENGTH,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = token_ids(self.tokenizer, prompts)
         return (ids == self.tokenizer.eos_token_id).int().argmax(dim=1)
 
     def text_encoder_id(self) -> str:

@@ -25,6 +25,7 @@ from renderers.cameras import Cameras
 from teachers import multiview_unet as mv
 from teachers.base import TextMemo
 from teachers.files import load_part
+from teachers.sd import encode_prompts
 
 RELEASED = dict(
     image_size=32,
@@ -162,14 +163,7 @@ class MultiViewDenoiser(torch.nn.Module):
     def _encode_new(self, prompts: list[str]) -> Tensor:
         if self.text_fn is not None:
             return self.text_fn(prompts)
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor, cameras: Cameras | None) -> Tensor:
         n = x_t.shape[0]

@@ -74,19 +74,25 @@ def check_sd_folder(folder: str | Path, key: str, hint: str = "") -> Path:
     return folder
 
 
-@torch.no_grad()
-def encode_prompts(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
-) -> Tensor:
-    """prompts -> (B, 77, C_text) last hidden states, padded and truncated to 77 tokens as
-    SD conditions on them; on the text encoder's device, in its dtype."""
-    ids = tokenizer(
+def token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> Tensor:
+    """(B, 77) int64 token ids, padded and truncated to 77 tokens as SD, MVDream and
+    ND-MV condition on them."""
+    return tokenizer(
         list(prompts),
         padding="max_length",
         max_length=TEXT_LENGTH,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+@torch.no_grad()
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]
+) -> Tensor:
+    """prompts -> (B, 77, C_text) last hidden states of ``token_ids``; on the text
+    encoder's device, in its dtype."""
+    ids = token_ids(tokenizer, prompts)
     return text_encoder(ids.to(text_encoder.device)).last_hidden_state
 
 
