@@ -17,6 +17,7 @@ graph is kept, checkpointed when asked), backward, optimizer step.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -187,10 +188,16 @@ def one_step(
     k: int = 0,
     step: int = 0,
     seed: int = 0,
+    early_teacher_grads: bool = False,
 ) -> dict[str, float]:
     """Progressive step ``k`` (0-based; its timestep) of training step ``step`` for the
     prompts of ``PROMPTS`` (first ``train.batch_size``), backward and the optimizer step;
-    ``on_phase(name)`` after each phase. Returns the losses."""
+    ``on_phase(name)`` after each phase. Returns the losses.
+
+    early_teacher_grads: take each teacher loss's gradient with respect to the renders
+    right after the call (which frees that teacher's graph, e.g. its VAE encoder's) and
+    carry it on as sum(render x gradient): the same gradients reach the student, but only
+    one teacher graph is alive at a time instead of all of them until the backward."""
     gen = torch.Generator().manual_seed(seed)
     b, planes = cfg.train.batch_size, cfg.student.planes
     if cfg.prompts.prompts or cfg.prompts.file:  # e.g. an oracle's scenes
@@ -233,8 +240,23 @@ def one_step(
     losses = {}
     for teacher in teachers:
         for branch, out in branches.items():
-            g = teacher.for_branch(branch)(out.views, prompts, step, gen)
-            loss = loss + g.loss
+            if early_teacher_grads:
+                # the teacher sees detached copies of the renders: its graph ends there and
+                # is freed by the autograd.grad below, and their gradients are the loss's
+                # partial derivatives with respect to each render, carried on the originals
+                v = out.views
+                names = [
+                    n for n in ("rgb", "mask", "depth", "normal") if getattr(v, n).requires_grad
+                ]
+                cut = {n: getattr(v, n).detach().requires_grad_(True) for n in names}
+                g = teacher.for_branch(branch)(dataclasses.replace(v, **cut), prompts, step, gen)
+                grads = torch.autograd.grad(g.loss, list(cut.values()), allow_unused=True)
+                for n, gx in zip(names, grads, strict=True):
+                    if gx is not None:
+                        loss = loss + (getattr(v, n) * gx).sum()
+            else:
+                g = teacher.for_branch(branch)(out.views, prompts, step, gen)
+                loss = loss + g.loss
             losses[f"{teacher.name}/{branch}"] = g.loss.item()
             on_phase(f"teacher_{teacher.name}_{branch}")
     loss.backward()

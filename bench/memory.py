@@ -12,7 +12,8 @@ step k: the loop backpropagates each k's loss before the next and keeps only the
 x0, so a step's peak is one k's (``prd.train``). Levers are config overrides measured
 run against run, e.g. ``train.precision=bf16`` (frozen weights bf16),
 ``student.gradient_checkpointing=false``, ``teachers.sd.gradient_checkpointing=false``,
-``volume.chunk_rays=1024``. ``--teachers none`` replaces the teachers by a stand-in loss
+``volume.chunk_rays=1024``, and ``--early-teacher-grads`` (one teacher graph alive at a
+time). ``--teachers none`` replaces the teachers by a stand-in loss
 (the mean of every rendered channel) whose backward runs through both branches and the
 student: the student side's share, measurable in a process of its own; one role alone
 (``--teachers sd``) adds that teacher. Run one configuration per process (peak RSS is the
@@ -52,6 +53,11 @@ def main() -> None:
     p.add_argument("--teachers", default="all", help="all, none, or roles (comma-separated)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the report to this file")
+    p.add_argument(
+        "--early-teacher-grads",
+        action="store_true",
+        help="free each teacher's graph after its call (bench.full_size.one_step)",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,10 +84,11 @@ def main() -> None:
     for name, m in models.items():
         kinds = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in m["by_dtype"].items())
         print(f"  {name:52s} {m['parameters'] / 1e6:8.1f}M  {m['bytes'] / GIB:6.2f} GiB  ({kinds})")
-    one_step(cfg, model, teachers, opt, log)
+    one_step(cfg, model, teachers, opt, log, early_teacher_grads=args.early_teacher_grads)
     report = {
         "config": args.config or ["configs/sd21.yaml"],
         "overrides": args.overrides,
+        "early_teacher_grads": args.early_teacher_grads,
         "teachers": sorted(chosen) or "stand-in",
         "precision": cfg.train.precision,
         "models": models,
