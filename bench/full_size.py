@@ -18,6 +18,8 @@ graph is kept, checkpointed when asked), backward, optimizer step.
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
 import time
 from collections.abc import Callable
 
@@ -267,8 +269,15 @@ def one_step(
     return losses
 
 
+def rss_gib() -> float:
+    """The process's current resident set size (GiB; Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 class PhaseLog:
-    """Wall time since the previous phase and the process's peak RSS after each phase."""
+    """After each phase: the wall time since the previous one, the process's peak RSS so
+    far (``ru_maxrss``, the OS's figure) and its current RSS."""
 
     def __init__(self, echo: bool = True):
         self.rows: list[dict] = []
@@ -276,16 +285,15 @@ class PhaseLog:
         self._t = time.perf_counter()
 
     def __call__(self, name: str) -> None:
-        import resource
-
         now = time.perf_counter()
         row = {
             "phase": name,
             "seconds": round(now - self._t, 3),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "rss_gib": round(rss_gib(), 3),
         }
         self.rows.append(row)
         self._t = now
         if self.echo:
-            print(f"  {name:34s} {row['seconds']:9.2f} s   peak RSS {row['peak_rss_gib']:6.2f} GiB",
-                  flush=True)  # fmt: skip
+            print(f"  {name:34s} {row['seconds']:9.2f} s   peak RSS {row['peak_rss_gib']:6.2f} GiB"
+                  f"   RSS {row['rss_gib']:6.2f} GiB", flush=True)  # fmt: skip

@@ -13,8 +13,9 @@ FLOPs: one more pass under ``torch.utils.flop_counter.FlopCounterMode`` per stag
 (matmuls, convolutions, attention; elementwise ops and ``grid_sample`` are not counted).
 GPU estimate per mesh: network stages and the grid's MLPs at --mfu of the chip's
 published dense bf16 tensor throughput, plus the grid's plane reads at its memory
-bandwidth; marching cubes, vertex colours and export run on the host CPU (scikit-image,
-trimesh), so their times measured here carry over as they are.
+bandwidth; marching cubes and export run on the host CPU (scikit-image, trimesh), so
+their times measured here carry over as they are (a pessimistic figure on a loaded CPU).
+``--estimate FILE`` reprints the estimates from a --json file without running anything.
 
     python -m bench.sample [--config configs/tiny.yaml configs/sd21.yaml]
                            [--grid 64 160] [--batch-size 1] [--threads 1] [--repeats 1]
@@ -39,7 +40,9 @@ from prd.model import build_model
 from prd.sample import EmptySurface, Timer, generate_batch
 
 NETWORK_STAGES = ("text_encode", "unet_step", "vae_decode")
-CPU_STAGES = ("marching_cubes", "vertex_colors", "export")
+# scikit-image's marching cubes and trimesh's export run on the host CPU whatever the
+# device (the grid is copied to the host for the former)
+CPU_STAGES = ("marching_cubes", "export")
 # published dense (no sparsity) bf16 tensor-core throughput and memory bandwidth:
 # A100 SXM 80 GB: 312 TFLOP/s, 2.04 TB/s (NVIDIA A100 datasheet); H100 SXM: 989 TFLOP/s,
 # 3.35 TB/s (NVIDIA H100 datasheet)
@@ -74,7 +77,14 @@ def gpu_estimate(row: dict, chip: str, mfu: float) -> dict:
             est[stage] = flops / (peak * mfu)
     est["grid_eval"] = est.get("grid_eval", 0.0) + row["grid_bytes_per_mesh"] / bandwidth
     est["export"] = row["seconds"]["export"]
-    return {"chip": chip, "mfu": mfu, "seconds": est, "total_seconds": sum(est.values())}
+    total = sum(est.values())
+    return {
+        "chip": chip,
+        "mfu": mfu,
+        "seconds": est,
+        "total_seconds": total,
+        "without_export_seconds": total - est["export"],
+    }
 
 
 def peak_rss_gib() -> float:
@@ -161,7 +171,8 @@ def print_row(row: dict) -> None:
             parts = "  ".join(f"{k} {1e3 * v:.1f}" for k, v in est["seconds"].items())
             print(
                 f"    {est['chip']} at {100 * est['mfu']:.0f}% of bf16 peak: "
-                f"{est['total_seconds']:.3f} s/mesh (ms: {parts})"
+                f"{est['total_seconds']:.3f} s/mesh, {est['without_export_seconds']:.3f} "
+                f"without export (ms: {parts})"
             )
     print(flush=True)
 
@@ -175,7 +186,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per network pass")
     parser.add_argument("--prompt", default="a red cube")
     parser.add_argument("--json", help="also write all rows to this JSON file")
+    parser.add_argument("--estimate", help="reprint the GPU estimates of this --json file")
     args = parser.parse_args()
+    if args.estimate:
+        for row in json.loads(Path(args.estimate).read_text()):
+            if "flops_per_mesh" in row:
+                row["gpu_estimates"] = [
+                    gpu_estimate(row, chip, mfu) for chip in CHIPS for mfu in (1.0, MFU_ASSUMED)
+                ]
+                print_row(row)
+        return
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {args.threads} threads, fp32, CPU")
     rows = []

@@ -47,7 +47,7 @@ class NvdiffrastRaster:
         if not nvdiffrast_available():
             raise ImportError(
                 "raster backend 'nvdiffrast' needs the package nvdiffrast (CUDA only): "
-                "`pip install -e \".[cuda]\"` installs it as diffrp-nvdiffrast (NVIDIA Source "
+                '`pip install -e ".[cuda]"` installs it as diffrp-nvdiffrast (NVIDIA Source '
                 "Code License, non-commercial use), or use backend 'torch'"
             )
         import nvdiffrast.torch as dr
