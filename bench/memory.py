@@ -3,7 +3,11 @@ shapes; ``bench.full_size``): the parameter count and dtype of every network, an
 process's peak RSS (the OS's figure) after each phase: build, student UNet, decode, each
 branch, each teacher, backward, optimizer.
 
-    python -m bench.memory [--json FILE] [--teachers all|none|sd,mvdream,...] [key=value ...]
+    MALLOC_MMAP_THRESHOLD_=131072 python -m bench.memory [--json FILE]
+        [--teachers all|none|sd,mvdream,...] [--early-teacher-grads] [key=value ...]
+
+(the environment setting makes glibc return freed large blocks to the OS, so the current
+RSS printed beside the peak follows the live tensors; the peak is the OS's either way)
 
 Defaults: configs/sd21.yaml (SD 2.1 student with PETA, batch 2, NeuS 40^2 patch + 42^2
 global at 128 + 64 samples, mesh 128^3 grid + 512 px raster, SD teacher at 512 px on the
