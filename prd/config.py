@@ -110,7 +110,9 @@ class TrainConfig:
     after a NaN/Inf loss or gradient (so not 0); ZeRO-3 releases the field MLP's weights
     before the volume renderer's double backward (normals, eikonal) runs, so not 3."""
     precision: str = "fp32"
-    """"fp32" or "bf16" (GPU); CPUs here lack fast bf16 (docs/distributed.md, "CPU notes")."""
+    """"fp32", or "bf16": frozen networks stored and run in bf16, trainable parameters and
+    optimizer state fp32, the student under autocast (prd.precision). Whether bf16 pays on
+    a CPU depends on the CPU (docs/distributed.md, "CPU notes")."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu" or "cuda"."""
     seed: int = 0

@@ -32,10 +32,12 @@ class PRDModel(nn.Module):
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
         """z_t (B*P, 4, h, w), t (B*P,) long, text (B, L, C) ->
-        x0 (B*P, 4, h, w), geometry and texture triplanes (B, 3, C, H, W) each."""
+        x0 (B*P, 4, h, w) in z_t's dtype, geometry and texture triplanes (B, 3, C, H, W)
+        each in fp32 whatever the base's dtype or an autocast around the call: the field's
+        coordinates, SDF and colours are computed from them in fp32 (prd.precision)."""
         x0 = self.student.predict_x0(z_t, t, text)
         geometry, texture = self.student.decode(x0)
-        return x0, geometry, texture
+        return x0, geometry.float(), texture.float()
 
     def field(self, geometry: torch.Tensor, texture: torch.Tensor) -> TriplaneField:
         return self.decoder.bind(geometry, texture)

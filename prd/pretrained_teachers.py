@@ -56,10 +56,11 @@ def _same_folder(a: str | Path | None, b: str | Path | None) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def resolve_dtype(spec, device) -> torch.dtype:
-    """The spec's dtype; "auto" is fp16 on CUDA (the reference) and fp32 elsewhere."""
+def resolve_dtype(spec, device, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The spec's dtype; "auto" is fp16 on CUDA (the reference) and ``default`` (the run's
+    frozen dtype) elsewhere."""
     if spec.dtype == "auto":
-        return torch.float16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+        return torch.float16 if torch.device(device or "cpu").type == "cuda" else default
     return DTYPES[spec.dtype]
 
 
@@ -136,12 +137,17 @@ def check_pretrained(role: str, teachers, student_folder: str | None) -> None:
         mvdream_vae_folder(teachers, student_folder)
 
 
-def sd_denoiser(spec, device, student: StudentBase | None) -> sd.SDDenoiser:
+def sd_denoiser(
+    spec, device, student: StudentBase | None, default: torch.dtype = torch.float32
+) -> sd.SDDenoiser:
     """The SD role's frozen denoiser: the student's base weights when ``spec.pretrained``
     is the student's folder, else the folder's weights in the spec's dtype."""
     if student is not None and _same_folder(spec.pretrained, student.folder):
         tokenizer, _, _, vae, scheduler = sd.load_parts(
-            spec.pretrained, resolve_dtype(spec, device), "teachers.sd.pretrained", unet=False
+            spec.pretrained,
+            resolve_dtype(spec, device, default),
+            "teachers.sd.pretrained",
+            unet=False,
         )
         return sd.SDDenoiser(
             tokenizer,
@@ -155,7 +161,7 @@ def sd_denoiser(spec, device, student: StudentBase | None) -> sd.SDDenoiser:
             where=f"teachers.sd.pretrained={spec.pretrained}",
         ).to(device)
     denoiser = sd.load_pretrained(
-        spec.pretrained, resolve_dtype(spec, device), spec.gradient_checkpointing
+        spec.pretrained, resolve_dtype(spec, device, default), spec.gradient_checkpointing
     )
     return denoiser.to(device)
 
@@ -184,13 +190,15 @@ def load(
     device,
     student: StudentBase | None,
     vaes: dict[Path, AutoencoderKL],
+    default: torch.dtype = torch.float32,
 ) -> Loaded:
     """The ``role``'s frozen pretrained model on ``device``. ``vaes``: SD VAEs loaded so
-    far by folder (read and filled), so the SD and MVDream teachers share one."""
+    far by folder (read and filled), so the SD and MVDream teachers share one. ``default``:
+    the dtype of an "auto" spec off CUDA (``resolve_dtype``)."""
     spec = getattr(teachers, role)
-    dtype = resolve_dtype(spec, device)
+    dtype = resolve_dtype(spec, device, default)
     if role == "sd":
-        den = sd_denoiser(spec, device, student)
+        den = sd_denoiser(spec, device, student, default)
         vaes[Path(spec.pretrained).resolve()] = den.vae
         return Loaded(den, den.schedule, den.encode_images, den.decode_latents)
     if role == "mvdream":

@@ -49,48 +49,77 @@ class Sample:
 
 
 @torch.no_grad()
-def generate(
-    model: PRDModel, prompt: str, cfg: SampleConfig, seed: int, timer: Timer | None = None
-) -> Sample:
-    """One prompt -> one coloured mesh. The noise comes from a generator seeded with
-    ``seed`` alone, so a prompt gives the same mesh whatever else is sampled with it."""
+def generate_batch(
+    model: PRDModel,
+    prompts: list[str],
+    cfg: SampleConfig,
+    seed: int,
+    timer: Timer | None = None,
+) -> list[Sample | EmptySurface]:
+    """B prompts -> B coloured meshes, the networks run once on the whole batch (B x 6
+    planes per UNet step, one VAE decode, one grid evaluation). Each prompt's noise comes
+    from its own generator seeded with ``seed`` alone, so a prompt gives the same mesh
+    whatever else is sampled with it, one by one or in any batch (up to float rounding
+    of batched kernels). A prompt whose SDF has no zero crossing gets an ``EmptySurface``
+    in its place. ``timer`` times the batch's stages."""
+    if not prompts:
+        raise ValueError("generate_batch: no prompts")
     timer = timer or Timer()
     student = model.student
     device = student.alphas_cumprod.device
-    gen = torch.Generator().manual_seed(seed)
     size = student.cfg.resolved_latent_size()
-    planes = student.cfg.planes
+    planes, b = student.cfg.planes, len(prompts)
     with timer("text_encode"):
-        text = student.encode_text([prompt])
-    z = torch.randn(planes, 4, size, size, generator=gen).to(device)
+        text = student.encode_text(list(prompts))
+    gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+    z = torch.cat([torch.randn(planes, 4, size, size, generator=g) for g in gens]).to(device)
     timesteps = progressive_timesteps(cfg.steps)
     ab = student.alphas_cumprod
     for i, t_i in enumerate(timesteps):
         with timer(f"unet_step_{i + 1}"):
-            t = torch.full((planes,), t_i, dtype=torch.long, device=device)
+            t = torch.full((b * planes,), t_i, dtype=torch.long, device=device)
             x0 = student.predict_x0(z, t, text)
             if i + 1 < len(timesteps):
                 t_next = torch.full_like(t, timesteps[i + 1])
                 if cfg.renoise == "ddim":
                     noise = eps_from_x0(z, x0, t, ab)
                 else:
-                    noise = torch.randn(z.shape, generator=gen).to(device)
+                    draws = [torch.randn(planes, 4, size, size, generator=g) for g in gens]
+                    noise = torch.cat(draws).to(device)
                 z = add_noise(x0, noise, t_next, ab)
     with timer("vae_decode"):
         geometry, texture = student.decode(x0)
         fld = model.field(geometry, texture)
     with timer("grid_eval"):
-        grid = evaluate_grid(fld, cfg.grid, n_objects=1, device=device)
+        grid = evaluate_grid(fld, cfg.grid, n_objects=b, device=device)
     with timer("marching_cubes"):
-        (mesh,) = extract_surface(fld, cfg.grid, n_objects=1, grid=grid, with_grad=False)
-    if mesh.empty:
-        raise EmptySurface(
-            f"the SDF of {prompt!r} (seed {seed}) has no zero crossing on the {cfg.grid}^3 "
-            "grid: nothing to mesh (an untrained or diverged student can do this)"
-        )
+        meshes = extract_surface(fld, cfg.grid, n_objects=b, grid=grid, with_grad=False)
+    out: list[Sample | EmptySurface] = []
     with timer("vertex_colors"):
-        colors = fld.color(mesh.verts[None].to(geometry.dtype))[0]
-    return Sample(prompt, mesh.verts, mesh.faces, colors, fld)
+        for o, (prompt, mesh) in enumerate(zip(prompts, meshes, strict=True)):
+            if mesh.empty:
+                out.append(
+                    EmptySurface(
+                        f"the SDF of {prompt!r} (seed {seed}) has no zero crossing on the "
+                        f"{cfg.grid}^3 grid: nothing to mesh (an untrained or diverged "
+                        "student can do this)"
+                    )
+                )
+                continue
+            one = model.field(geometry[o : o + 1], texture[o : o + 1])
+            colors = one.color(mesh.verts[None].to(geometry.dtype))[0]
+            out.append(Sample(prompt, mesh.verts, mesh.faces, colors, one))
+    return out
+
+
+def generate(
+    model: PRDModel, prompt: str, cfg: SampleConfig, seed: int, timer: Timer | None = None
+) -> Sample:
+    """One prompt -> one coloured mesh (``generate_batch`` of one); raises EmptySurface."""
+    (result,) = generate_batch(model, [prompt], cfg, seed, timer)
+    if isinstance(result, EmptySurface):
+        raise result
+    return result
 
 
 TRAINING_PATHS = ("prompts.source", "prompts.file", "train.deepspeed_json")
@@ -128,6 +157,9 @@ def add_arguments(p) -> None:
     src.add_argument("--prompts-file", help="one prompt a line; --out names a folder")
     p.add_argument("--out", required=True, help="output file (.glb/.obj/.ply) or folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="prompts per network pass (same meshes)"
+    )
     p.add_argument("--texture", action="store_true", help="bake a UV texture (GLB)")
     p.add_argument("--max-faces", type=int, default=None, help="simplify to this many faces")
     p.add_argument("--preview", action="store_true", help="also write a turntable GIF")
@@ -195,6 +227,8 @@ def file_names(prompts: list[str]) -> list[str]:
 def run(args) -> int:
     cfg, weights = resolve_config(args)
     device = resolve_device(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     jobs = _jobs(args, cfg)
     if args.texture and any(out.suffix.lower() != ".glb" for _, out in jobs):
         raise ValueError("--texture bakes a texture into .glb files only")
@@ -206,40 +240,49 @@ def run(args) -> int:
         if weights is not None:
             load_weights(model, weights)
     status = 0
-    for prompt, out in jobs:
-        timer_p = Timer()
-        try:
-            sample = generate(model, prompt, cfg.sample, args.seed, timer_p)
-        except EmptySurface as exc:
-            print(f"prd sample: {exc}", file=sys.stderr)
-            status = 2
-            continue
-        verts, faces, colors = sample.verts, sample.faces, sample.colors
-        if args.max_faces is not None:
-            with timer_p("simplify"):
-                verts, faces, colors = simplify(verts, faces, colors, args.max_faces)
-        with timer_p("export"):
-            color_fn = None
-            if args.texture:
-                color_fn = lambda p, f=sample.field: f.color(p[None].float())[0]
-            export_mesh(verts, faces, colors, out, texture=args.texture, color_fn=color_fn)
-        if args.preview:
-            from prd.preview import turntable
-
-            with timer_p("preview"):
-                turntable(verts, faces, colors, out.with_suffix(".gif"))
-        report = {
-            "prompt": prompt,
-            "out": str(out),
-            "vertices": len(verts),
-            "faces": len(faces),
-            "faces_extracted": len(sample.faces),
-            "seconds": {k: round(v, 4) for k, v in timer_p.stages.items()},
-            "total_seconds": round(sum(timer_p.stages.values()), 4),
-        }
-        if args.json:
-            print(json.dumps(report))
-        else:
-            stages = ", ".join(f"{k} {v:.3f}s" for k, v in timer_p.stages.items())
-            print(f"{out}: {report['faces']} faces, {report['total_seconds']:.2f}s ({stages})")
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start : start + args.batch_size]
+        timer_b = Timer()
+        results = generate_batch(model, [p for p, _ in batch], cfg.sample, args.seed, timer_b)
+        for (_, out), sample in zip(batch, results, strict=True):
+            if isinstance(sample, EmptySurface):
+                print(f"prd sample: {sample}", file=sys.stderr)
+                status = 2
+                continue
+            # each mesh's share of the batch's stages, then its own export
+            timer_p = Timer({k: v / len(batch) for k, v in timer_b.stages.items()})
+            report = write_sample(args, sample, out, timer_p)
+            report["batch_size"] = len(batch)
+            if args.json:
+                print(json.dumps(report))
+            else:
+                stages = ", ".join(f"{k} {v:.3f}s" for k, v in timer_p.stages.items())
+                print(f"{out}: {report['faces']} faces, {report['total_seconds']:.2f}s ({stages})")
     return status
+
+
+def write_sample(args, sample: Sample, out: Path, timer_p: Timer) -> dict:
+    """Simplify (--max-faces), export and preview one mesh; its report."""
+    verts, faces, colors = sample.verts, sample.faces, sample.colors
+    if args.max_faces is not None:
+        with timer_p("simplify"):
+            verts, faces, colors = simplify(verts, faces, colors, args.max_faces)
+    with timer_p("export"):
+        color_fn = None
+        if args.texture:
+            color_fn = lambda p, f=sample.field: f.color(p[None].float())[0]
+        export_mesh(verts, faces, colors, out, texture=args.texture, color_fn=color_fn)
+    if args.preview:
+        from prd.preview import turntable
+
+        with timer_p("preview"):
+            turntable(verts, faces, colors, out.with_suffix(".gif"))
+    return {
+        "prompt": sample.prompt,
+        "out": str(out),
+        "vertices": len(verts),
+        "faces": len(faces),
+        "faces_extracted": len(sample.faces),
+        "seconds": {k: round(v, 4) for k, v in timer_p.stages.items()},
+        "total_seconds": round(sum(timer_p.stages.values()), 4),
+    }

@@ -277,11 +277,11 @@ def build_student(
     unet_cfg, vae_cfg, text_cfg = ARCH_CONFIGS[cfg.arch]
     tokenizer = build_clip_tokenizer()
     with torch.device(device or "cpu"):
-        text = CLIPTextModel(CLIPTextConfig(**text_cfg))
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_cfg)
-        if dtype != torch.float32:
-            text, unet, vae = text.to(dtype), unet.to(dtype), vae.to(dtype)
+        # each part cast as soon as it is built (the same draws in the same order), so a
+        # bf16 build never holds the fp32 copies of all three at once
+        text = CLIPTextModel(CLIPTextConfig(**text_cfg)).to(dtype)
+        unet = UNet2DConditionModel(**unet_cfg).to(dtype)
+        vae = AutoencoderKL(**vae_cfg).to(dtype)
         vae.encoder = vae.quant_conv = None  # the student only decodes
         if cfg.denoiser_skip:
             # with the skip, a zero residual makes the fresh student that MMSE denoiser

@@ -70,7 +70,8 @@ class TeacherSpec:
     for pretrained MVDream and RichDreamer)."""
     dtype: str = "auto"
     """Pretrained weights' dtype: "fp32", "bf16", "fp16" or "auto" (fp16 on CUDA as the
-    reference, fp32 on CPU). Losses are fp32 whatever it is."""
+    reference; elsewhere the run's frozen dtype: bf16 under train.precision bf16, else
+    fp32). Losses are fp32 whatever it is."""
     gradient_checkpointing: bool = False
     """Pretrained latent teachers: recompute the VAE encoder's activations in backward."""
     text_encoder: str | None = None
@@ -178,11 +179,13 @@ def build_teachers(
     views_per_object: int,
     device=None,
     student: StudentBase | None = None,
+    frozen_dtype: torch.dtype = torch.float32,
 ) -> list[RoleTeachers]:
     """The enabled teachers, frozen, on ``device``: per role one denoiser and one
     DistillationTeacher per render branch. ``background``: the RGB the renders are
     composited over (the oracle's ground truth uses it); ``student``: what a pretrained
-    teacher on the student's base folder borrows."""
+    teacher on the student's base folder borrows; ``frozen_dtype``: the dtype of a
+    pretrained teacher whose ``dtype`` is "auto" off CUDA (the run's, ``prd.precision``)."""
     check_teachers(cfg, student.folder if student is not None else None)
     teachers = []
     vaes = {}  # SD VAEs by folder: the SD and MVDream teachers share one
@@ -196,7 +199,7 @@ def build_teachers(
             denoiser = OracleDenoiser(role_0, schedule, background, spec.supersample).to(device)
             teachers.append(role_teachers(role, spec, denoiser, schedule, views_per_object))
         else:
-            m = load(role, cfg, device, student, vaes)
+            m = load(role, cfg, device, student, vaes, frozen_dtype)
             teachers.append(
                 role_teachers(
                     role, spec, m.denoiser, m.schedule, views_per_object, m.encode, m.decode

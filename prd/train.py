@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from prd import checkpoint, distributed
+from prd import checkpoint, distributed, precision
 from prd.branches import mesh_branch, volume_branch
 from prd.config import Config, TrainConfig, load
 from prd.configio import load_config_text, to_dict, to_yaml
@@ -96,7 +96,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.batch_size * accum * world_size,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # never DeepSpeed's bf16 mode, which casts the trainable parameters too: under
+        # train.precision bf16 only the frozen networks are bf16 (prd.precision)
+        "bf16": {"enabled": False},
         "gradient_clipping": t.grad_clip,
         "steps_per_print": 10**9,
         # Adan (pytorch-optimizer) is not on DeepSpeed's list of ZeRO-tested optimizers; it
@@ -256,7 +258,8 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
     torch.manual_seed(cfg.train.seed + 1000 * info.rank)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1000 * info.rank)
     # the same base weights on every rank, and the ones ``prd sample`` rebuilds
-    model: PRDModel = build_model(cfg, device=info.device, seed=cfg.train.seed)
+    frozen = precision.frozen_dtype(cfg.train.precision)
+    model: PRDModel = build_model(cfg, device=info.device, dtype=frozen, seed=cfg.train.seed)
     cache = None
     if cfg.prompts.embed_cache is not None:
         cache = EmbeddingCache(cfg.prompts.embed_cache, model.student.text_encoder_id())
@@ -266,7 +269,9 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
         cfg.cameras.n_views,
         device=info.device,
         student=student_base(model, cfg, cache, info.device),
+        frozen_dtype=frozen,
     )
+    precision.check_trainable_fp32(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -316,7 +321,8 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
                 t = torch.full((b * planes,), t_k, dtype=torch.long, device=info.device)
                 z_t = noise if x0_prev is None else add_noise(x0_prev, noise, t, ab)
                 # 2b. student: x0 latents and triplanes
-                x0, geometry, texture = engine(z_t, t, text)
+                with precision.autocast(t_cfg.precision, info.device):
+                    x0, geometry, texture = engine(z_t, t, text)
                 field = model.field(geometry, texture)
                 # 2c. fresh cameras
                 cams = sample_cameras(b, cfg.cameras, gen, device=info.device)

@@ -26,9 +26,9 @@ class MeshRenderConfig:
     """An SDF without a sign change gets the reference's repaired surface
     (``renderers.isosurface``), so the teachers still see a mesh and their gradients reach
     the field; off: it renders as background and the branch gives no gradient."""
-    backend: str = "auto"
-    """Raster backend: "auto" (nvdiffrast on CUDA when installed, else torch), "torch" or
-    "nvdiffrast"."""
+    backend: str = "torch"
+    """Raster backend: "torch" (default: pure torch, CPU and CUDA), "nvdiffrast" (CUDA, the
+    optional ``[cuda]`` extra) or "auto" (nvdiffrast on CUDA when installed, else torch)."""
 
     def __post_init__(self):
         if self.resolution < 1:

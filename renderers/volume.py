@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from renderers.cameras import Cameras, pixel_rays
 from renderers.field import Field, sdf_and_normal
@@ -63,7 +64,13 @@ class VolumeConfig:
     global_size: int = 42
     """Side of the coarse grid covering the whole image per view in patch mode."""
     chunk_rays: int = 4096
-    """Rays per object rendered at once; bounds memory when no graph is kept."""
+    """Rays per object rendered at once; bounds memory when no graph is kept (or with
+    ``checkpoint_chunks``)."""
+    checkpoint_chunks: bool = False
+    """With gradients on, keep only each chunk's outputs and recompute its samples (field
+    features, MLP activations, normals) in backward (``torch.utils.checkpoint``): the
+    graph's memory becomes one chunk's plus the per-sample outputs, for one more field
+    evaluation per sample in backward. The same values and gradients."""
     clip_to_bound: bool = True
     """March only where [near, far] meets the field's cube [-bound, bound]^3."""
     color_min_weight: float = 0.0
@@ -246,6 +253,19 @@ def _march(field, o, d, t_near, t_far, jitter, u_imp, background, cfg, create_gr
     )
 
 
+def _checkpointed_march(field, *args) -> VolumeRender:
+    """``_march`` whose activations are recomputed in backward (``checkpoint_chunks``);
+    it draws no random numbers, so the recomputation is exact."""
+    names = list(VolumeRender.__dataclass_fields__)
+
+    def run(*xs):
+        out = _march(field, *xs)
+        return tuple(getattr(out, k) for k in names)
+
+    outs = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+    return VolumeRender(**dict(zip(names, outs, strict=True)))
+
+
 def _background(background, like: torch.Tensor) -> torch.Tensor:
     """Background (None: white) broadcast to like's (B, R, 3), in like's dtype and device;
     ValueError unless its values lie in [0, 1]."""
@@ -302,8 +322,11 @@ def render_rays(
             cfg.n_importance, 1
         )
     per_ray = (origins, dirs, t_near, t_far, jitter, u_imp, bg)
+    march = _march
+    if cfg.checkpoint_chunks and torch.is_grad_enabled():
+        march = _checkpointed_march
     parts = [
-        _march(field, *(x[:, lo : lo + cfg.chunk_rays] for x in per_ray), cfg, create_graph)
+        march(field, *(x[:, lo : lo + cfg.chunk_rays] for x in per_ray), cfg, create_graph)
         for lo in range(0, r, cfg.chunk_rays)
     ]
     if len(parts) == 1:

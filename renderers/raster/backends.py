@@ -46,9 +46,9 @@ class NvdiffrastRaster:
     def __init__(self):
         if not nvdiffrast_available():
             raise ImportError(
-                "raster backend 'nvdiffrast' needs the package nvdiffrast (CUDA only; not on "
-                "the package index: install it from source, e.g. "
-                "`pip install git+https://github.com/NVlabs/nvdiffrast`), or use backend 'torch'"
+                "raster backend 'nvdiffrast' needs the package nvdiffrast (CUDA only): "
+                '`pip install -e ".[cuda]"` installs it as diffrp-nvdiffrast (NVIDIA Source '
+                "Code License, non-commercial use), or use backend 'torch'"
             )
         import nvdiffrast.torch as dr
 
