@@ -24,6 +24,7 @@ estimate is clamped to [-1, 1] as ldm samples pixel-space models):
 
     python -m bench.tiny_teachers --dir runs/tiny_teachers [--sets 1] [--steps 20]
                                   [--cfg 5] [--teacher mvdream|richdreamer]
+                                  [--negative "ugly, ..."]
 """
 
 from __future__ import annotations
@@ -62,14 +63,16 @@ def ddim_sample(
     cfg: float,
     gen,
     clip: bool = False,
+    negative: str = "",
 ) -> Tensor:
     """x0 (len(prompts) * 4, *shape) sampled by DDIM (eta 0) with CFG from N(0, I): one
-    prompt per 4-view set, cameras (len(prompts) * 4) of those sets. clip: clamp each
-    step's x0 estimate to [-1, 1] (ldm's sampling of pixel-space models)."""
+    prompt per 4-view set, cameras (len(prompts) * 4) of those sets; ``negative``: the
+    prompt of CFG's other branch. clip: clamp each step's x0 estimate to [-1, 1] (ldm's
+    sampling of pixel-space models)."""
     sched = DDIMScheduler.from_config(sd_scheduler().config, clip_sample=clip)
     sched.set_timesteps(steps)
     per_view = [p for p in prompts for _ in range(NUM_FRAMES)]
-    text = denoiser.encode_text(per_view + [""] * len(per_view))
+    text = denoiser.encode_text(per_view + [negative] * len(per_view))
     both = Cameras.cat([cameras, cameras])
     x = torch.randn(len(per_view), *shape, generator=gen)
     for t in sched.timesteps:
@@ -151,6 +154,9 @@ def main() -> None:
     p.add_argument("--sets", type=int, default=1, help="4-view sets per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument(
+        "--negative", default="", help="CFG's negative prompt (distill_tiny.yaml: the reference's)"
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -173,15 +179,18 @@ def main() -> None:
             renders = shape_renders(cams, size)
             if name == "mvdream":
                 lat = (vae.config.latent_channels, size // 4, size // 4)
-                z = ddim_sample(denoiser, prompts, cams, lat, args.steps, args.cfg, gen)
+                z = ddim_sample(
+                    denoiser, prompts, cams, lat, args.steps, args.cfg, gen, negative=args.negative
+                )
                 with torch.no_grad():
                     img = vae.decode(z / spec["scaling_factor"]).sample
                 img = ((img.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
                 m = rgb_metrics(img, prompts, renders)
             else:
                 x = ddim_sample(
-                    denoiser, prompts, cams, (4, size, size), args.steps, args.cfg, gen, True
-                )
+                    denoiser, prompts, cams, (4, size, size), args.steps, args.cfg, gen, True,
+                    args.negative,
+                )  # fmt: skip
                 m = nd_metrics(x.clamp(-1, 1), prompts, renders, cams, spec["depth_radius"])
             numbers = "  ".join(f"{k} {v:.3f}" for k, v in m.items())
             print(f"{name:<11} {group:<8} {numbers}  ({time.perf_counter() - start:.0f}s)")
