@@ -9,6 +9,8 @@
 #   3. sample the 6 held-out and 6 training prompts to GLB and score the meshes of all 36
 #      prompts against their analytic scenes
 #   bash launch/distill_demo.sh [RUN_DIR]      (default runs/distill)
+# Builds use NPROC threads; on a machine others are loading, OMP_NUM_THREADS=1 is faster
+# (two threads on two busy cores spin and wait on each other).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${1:-runs/distill}"
