@@ -16,6 +16,9 @@ install:
 demo: install
 	PYTHON=$(PYTHON) bash launch/oracle_demo.sh $(RUN)
 
+distill-demo: install
+	PYTHON=$(PYTHON) bash launch/distill_demo.sh $(DISTILL_RUN)
+
 test: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -p no:cacheprovider

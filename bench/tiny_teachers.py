@@ -21,9 +21,13 @@ estimate is clamped to [-1, 1] as ldm samples pixel-space models):
   normal    mean angle (degrees) between sampled and true normals where both see the object
   depth     mean |depth channel error| on the true object pixels
   nearest   share of sets whose nearest of the 6 shapes' renders is the prompt's shape
+  x0@t      mean |x0 estimate - truth| of one conditional eps call on the true views
+            noised to t (what distillation asks of a teacher), under the prompt / under
+            the prompt with another shape / under "": right < wrong when the text is used
 
     python -m bench.tiny_teachers --dir runs/tiny_teachers [--sets 1] [--steps 20]
                                   [--cfg 5] [--teacher mvdream|richdreamer]
+                                  [--negative "ugly, ..."]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from prd.config import load
 from prd.tiny_teachers import BACKGROUND, NUM_FRAMES, load_teachers, read_manifest
 from renderers.cameras import Cameras, CameraSampling, sample_cameras
 from teachers.base import Views
+from teachers.noise import NoiseSchedule
 from teachers.roles import MultiViewNormalDepth
 from teachers.scenes import (
     ALL_PROMPTS,
@@ -62,14 +67,16 @@ def ddim_sample(
     cfg: float,
     gen,
     clip: bool = False,
+    negative: str = "",
 ) -> Tensor:
     """x0 (len(prompts) * 4, *shape) sampled by DDIM (eta 0) with CFG from N(0, I): one
-    prompt per 4-view set, cameras (len(prompts) * 4) of those sets. clip: clamp each
-    step's x0 estimate to [-1, 1] (ldm's sampling of pixel-space models)."""
+    prompt per 4-view set, cameras (len(prompts) * 4) of those sets; ``negative``: the
+    prompt of CFG's other branch. clip: clamp each step's x0 estimate to [-1, 1] (ldm's
+    sampling of pixel-space models)."""
     sched = DDIMScheduler.from_config(sd_scheduler().config, clip_sample=clip)
     sched.set_timesteps(steps)
     per_view = [p for p in prompts for _ in range(NUM_FRAMES)]
-    text = denoiser.encode_text(per_view + [""] * len(per_view))
+    text = denoiser.encode_text(per_view + [negative] * len(per_view))
     both = Cameras.cat([cameras, cameras])
     x = torch.randn(len(per_view), *shape, generator=gen)
     for t in sched.timesteps:
@@ -143,6 +150,25 @@ def nd_metrics(x: Tensor, prompts: list[str], renders, cameras: Cameras, radius:
     )
 
 
+@torch.no_grad()
+def one_step_x0(denoiser, truth: Tensor, prompts: list[str], cameras: Cameras, t: int) -> list:
+    """[right, wrong, empty]: mean |x0 - truth| of the one-step x0 estimate from ``truth``
+    (n_sets * 4, C, h, w) noised to ``t`` (fixed noise), conditioned on each set's prompt,
+    on it with the shape three places on in ``SHAPES``, and on ""."""
+    sched = NoiseSchedule()
+    other = lambda c, s: f"a {c} {SHAPES[(SHAPES.index(s) + 3) % len(SHAPES)]}"
+    wrong = [other(*parse_prompt(p)) for p in prompts]
+    tt = torch.full((len(truth),), t)
+    noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(t))
+    x_t = sched.add_noise(truth, noise, tt)
+    out = []
+    for texts in (prompts, wrong, [""] * len(prompts)):
+        text = denoiser.encode_text([q for q in texts for _ in range(NUM_FRAMES)])
+        x0 = sched.x0_from_eps(x_t, denoiser(x_t, tt, text, cameras), tt).clamp(-1, 1)
+        out.append((x0 - truth).abs().mean().item())
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", required=True, help="a `prd tiny-teachers` folder")
@@ -151,6 +177,9 @@ def main() -> None:
     p.add_argument("--sets", type=int, default=1, help="4-view sets per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument(
+        "--negative", default="", help="CFG's negative prompt (distill_tiny.yaml: the reference's)"
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -173,17 +202,33 @@ def main() -> None:
             renders = shape_renders(cams, size)
             if name == "mvdream":
                 lat = (vae.config.latent_channels, size // 4, size // 4)
-                z = ddim_sample(denoiser, prompts, cams, lat, args.steps, args.cfg, gen)
+                z = ddim_sample(
+                    denoiser, prompts, cams, lat, args.steps, args.cfg, gen, negative=args.negative
+                )
                 with torch.no_grad():
                     img = vae.decode(z / spec["scaling_factor"]).sample
                 img = ((img.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
                 m = rgb_metrics(img, prompts, renders)
             else:
                 x = ddim_sample(
-                    denoiser, prompts, cams, (4, size, size), args.steps, args.cfg, gen, True
-                )
+                    denoiser, prompts, cams, (4, size, size), args.steps, args.cfg, gen, True,
+                    args.negative,
+                )  # fmt: skip
                 m = nd_metrics(x.clamp(-1, 1), prompts, renders, cams, spec["depth_radius"])
-            numbers = "  ".join(f"{k} {v:.3f}" for k, v in m.items())
+                role = MultiViewNormalDepth(NUM_FRAMES, radius=spec["depth_radius"])
+                own = [parse_prompt(q)[1] for q in prompts]
+                truth = torch.cat([
+                    role.encode(Views(r.rgb, r.mask, r.depth, r.normal, cams, 4), size)[
+                        i * 4 : i * 4 + 4
+                    ]
+                    for i, r in enumerate(renders[s] for s in own)
+                ])  # fmt: skip
+                for t in (200, 500, 800):
+                    right, wrong, empty = one_step_x0(denoiser, truth, prompts, cams, t)
+                    m[f"x0@{t}"] = f"{right:.3f}/{wrong:.3f}/{empty:.3f}"
+            numbers = "  ".join(
+                f"{k} {v if isinstance(v, str) else f'{v:.3f}'}" for k, v in m.items()
+            )
             print(f"{name:<11} {group:<8} {numbers}  ({time.perf_counter() - start:.0f}s)")
 
 

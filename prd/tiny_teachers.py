@@ -13,9 +13,11 @@ guidance, one timestep per object shared by its 4 views) on the 30 training scen
      its role (``teachers.roles.MultiViewRGB``), encoded by the tiny base's VAE (times
      its scaling factor); text: the tiny base's text encoder (as MVDream conditions on
      SD 2.1's); cameras: ``teachers.mvdream.camera_condition``
-  3. ND-MV: normal + depth packed by its role (``teachers.roles.MultiViewNormalDepth``
-     at ``Recipe.depth_radius``), 4 pixel channels; text: a tiny CLIP of its own in an
-     SD-1.5-style folder (as ND-MV conditions on CLIP ViT-L); cameras:
+  3. ND-MV, started from the tiny SD's UNet where shapes allow (``nd_from_single_view``)
+     as RichDreamer's ND-MV from SD: normal + depth packed by its role
+     (``teachers.roles.MultiViewNormalDepth`` at ``Recipe.depth_radius``), 4 pixel
+     channels; text: the encoder of the SD it starts from (as ND-MV keeps SD 1.5's CLIP
+     ViT-L), copied to an SD-1.5-style folder; cameras:
      ``teachers.richdreamer.camera_condition``
   4. the files, in the original layouts by the port's inverse key map
      (``teachers.multiview_unet.diffusers_to_ldm``), so that they load through
@@ -28,7 +30,7 @@ guidance, one timestep per object shared by its 4 views) on the 30 training scen
     DIR/mvdream_unet.json     the UNet's ldm constructor arguments (``--ldm-kwargs``)
     DIR/nd_mv.ckpt            {"state_dict": {model.diffusion_model.*}} (nd_mv_ema.ckpt)
     DIR/nd_mv_unet.json
-    DIR/nd_text/              text_encoder/ + tokenizer/ of ND-MV's tiny CLIP
+    DIR/nd_text/              text_encoder/ + tokenizer/ of ND-MV (the tiny SD's)
     DIR/tiny_teachers.json    what a run needs to use them (files, resolution, scaling
                               factor, depth radius, background) and what was rendered
 
@@ -40,7 +42,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,7 +54,6 @@ from prd import tiny_base
 from prd.arch import TINY_TEXT, encode_prompts, load_pretrained, sd_scheduler
 from prd.config import load
 from prd.progressive import add_noise
-from prompts.tokenizer import build_clip_tokenizer
 from renderers.cameras import CameraSampling, sample_cameras
 from teachers import multiview_unet as mv
 from teachers import mvdream, richdreamer
@@ -91,10 +92,6 @@ the tiny SD UNet's blocks (``prd.arch.TINY_UNET``: widths 32, 64, 16-channel hea
 attention at both levels), so that it starts from the tiny SD's weights as MVDream from SD
 2.1's; joint attention over 4 x 64 tokens of the 8 x 8 latents is cheap."""
 
-ND_TEXT = dict(TINY_TEXT, hidden_size=48, intermediate_size=96, projection_dim=48)
-"""ND-MV's tiny CLIP: a width of its own (48), as CLIP ViT-L (768) is not SD 2.1's (1024):
-a run that hands ND-MV the SD text states fails on the shape, not silently."""
-
 ND_LDM = dict(
     image_size=RESOLUTION,
     in_channels=4,
@@ -105,13 +102,15 @@ ND_LDM = dict(
     channel_mult=[1, 1, 2],
     num_heads=4,
     transformer_depth=1,
-    context_dim=ND_TEXT["hidden_size"],
+    context_dim=TINY_TEXT["hidden_size"],
     camera_dim=16,
 )
 """Tiny ND-MV (the released layout's options: 1x1-conv projections, a head count): 32 px
 pixels need three levels (32, 16, 8); attention only at 8 x 8 and the middle, because
 joint attention over 4 views of 16 x 16 (1024 tokens) cost 1.5 s of a 2.6 s step of 4
-objects here, and the released model's 32 x 32 attention 4x more; 4 heads of 16."""
+objects here, and the released model's 32 x 32 attention 4x more; 4 heads of 16. Below
+the 32 px level its blocks are the tiny SD's (widths 32, 64; attention at 8 x 8), so that
+it starts from them; its text is the tiny SD's (width 32)."""
 
 
 @dataclass
@@ -123,17 +122,19 @@ class Recipe:
     mv_steps: int = 400
     mv_batch: int = 8
     """Objects (of 4 views) per MVDream step."""
-    nd_steps: int = 300
-    nd_batch: int = 4
+    nd_steps: int = 600
+    nd_batch: int = 8
     """Objects (of 4 views) per ND-MV step."""
+    nd_high_t_share: float = 0.8
+    """ND-MV's ``high_t_share``: the text decides its images (shapes) only at high t; at
+    0.3 its eps error ignored the prompt after 1,600 objects (ratio wrong / right prompt
+    1.00-1.01 at t = 100, 500, 800)."""
     lr: float = 2e-3
     high_t_share: float = 0.3
     """Share of timesteps drawn from the top 30% of the schedule instead (the text decides
     the image there; ``prd.tiny_base.draw_timesteps``)."""
     empty_share: float = 0.1
     """Share of objects trained on the empty prompt (classifier-free guidance)."""
-    text_token_std: float = 0.3
-    """Token embedding std of ND-MV's frozen random tiny CLIP (``prd.tiny_base.Recipe``)."""
     depth_radius: float = DEPTH_RADIUS
     """ND-MV's depth normalization radius (``DEPTH_RADIUS``); the run's role must use it."""
     seed: int = 0
@@ -142,14 +143,14 @@ class Recipe:
         for name in ("sets", "mv_steps", "mv_batch", "nd_steps", "nd_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tiny-teachers: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("high_t_share", "empty_share"):
+        for name in ("high_t_share", "nd_high_t_share", "empty_share"):
             if not 0 <= getattr(self, name) <= 1:
                 value = getattr(self, name)
                 raise ValueError(f"tiny-teachers: {name} must lie in [0, 1], got {value}")
-        if self.lr <= 0 or self.text_token_std <= 0 or self.depth_radius <= 0:
+        if self.lr <= 0 or self.depth_radius <= 0:
             raise ValueError(
-                f"tiny-teachers: lr, text_token_std and depth_radius must be > 0, got "
-                f"{self.lr}, {self.text_token_std}, {self.depth_radius}"
+                f"tiny-teachers: lr and depth_radius must be > 0, got {self.lr}, "
+                f"{self.depth_radius}"
             )
 
 
@@ -243,6 +244,43 @@ def from_single_view(sd_unet: UNet2DConditionModel, ldm_kwargs: dict) -> mv.Mult
     return model
 
 
+def shifted_level(name: str, shift: int) -> str:
+    """The tiny SD UNet's name of a multi-view UNet tensor that sits ``shift`` levels
+    deeper (ND-MV's extra 32 px level on top): down_blocks.{i} <- down_blocks.{i - shift},
+    up_blocks.{i} <- up_blocks.{i} (the up path counts from the deepest level)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        parts[1] = str(int(parts[1]) - shift)
+    return ".".join(parts)
+
+
+def nd_from_single_view(sd_unet: UNet2DConditionModel, ldm_kwargs: dict) -> mv.MultiViewUNet:
+    """ND-MV starting from the single-view tiny SD where shapes allow, as RichDreamer's
+    ND-MV starts from SD (through a single-view normal-depth model): its levels below the
+    32 px one are the SD's (``shifted_level``), with the SD's text cross-attention; the
+    SD's linear transformer projections become ND-MV's 1x1 convs. New: the 32 px level,
+    the SD's attention-free counterparts' attention, the camera MLP (output zero).
+    Returns the model; ValueError if fewer than half of its tensors come from the SD."""
+    model = mv.MultiViewUNet.build(mv.unet_config(ldm_kwargs))
+    shift = len(ldm_kwargs["channel_mult"]) - len(sd_unet.config.block_out_channels)
+    sd, own = sd_unet.state_dict(), model.state_dict()
+    taken = {}
+    for name, value in own.items():
+        src = sd.get(shifted_level(name, shift))
+        if src is not None and src.numel() == value.numel() and src.dim() in (value.dim(), 2):
+            taken[name] = src.reshape(value.shape)
+    if len(taken) < len(own) / 2:
+        raise ValueError(
+            f"tiny-teachers: the SD UNet fits only {len(taken)} of {len(own)} tensors of "
+            f"{ldm_kwargs}"
+        )
+    model.load_state_dict(taken, strict=False)
+    with torch.no_grad():
+        model.class_embedding.linear_2.weight.zero_()
+        model.class_embedding.linear_2.bias.zero_()
+    return model
+
+
 def original_checkpoint(unet: mv.MultiViewUNet, ldm_kwargs: dict) -> dict[str, Tensor]:
     """The flat ldm state dict (``model.diffusion_model.*``) of ``unet``, as the original
     MultiViewUNetModel(**ldm_kwargs) names its tensors."""
@@ -328,21 +366,19 @@ def build_tiny_teachers(
     seconds["mvdream"] = round(time.perf_counter() - t0, 1)
     torch.save(original_checkpoint(mv_unet, MV_LDM), staging / "mvdream.pt")
 
-    # ND-MV: normal + depth as its role packs them, its own tiny CLIP
+    # ND-MV: normal + depth as its role packs them, from the tiny SD and its text
     role = MultiViewNormalDepth(NUM_FRAMES, radius=recipe.depth_radius)
     packed = role.encode(views, RESOLUTION)
-    nd_tokenizer = build_clip_tokenizer()
-    nd_text = tiny_base.frozen_text_encoder(recipe.text_token_std, gen, ND_TEXT)
-    text = encode_prompts(nd_tokenizer, nd_text, prompts + [""])
-    nd_unet = mv.MultiViewUNet.build(mv.unet_config(ND_LDM))
+    nd_unet = nd_from_single_view(sd_unet, ND_LDM)
     t0 = time.perf_counter()
     nd_loss = train_multiview(
         nd_unet, packed, richdreamer.camera_condition(views.cameras), labels, text,
-        recipe.nd_steps, recipe.nd_batch, recipe, gen, log, "nd-mv",
+        recipe.nd_steps, recipe.nd_batch, replace(recipe, high_t_share=recipe.nd_high_t_share),
+        gen, log, "nd-mv",
     )  # fmt: skip
     seconds["richdreamer"] = round(time.perf_counter() - t0, 1)
     torch.save({"state_dict": original_checkpoint(nd_unet, ND_LDM)}, staging / "nd_mv.ckpt")
-    write_text_folder(staging / "nd_text", nd_text, nd_tokenizer)
+    write_text_folder(staging / "nd_text", sd_text, sd_tokenizer)
 
     (staging / "mvdream_unet.json").write_text(json.dumps(MV_LDM, indent=1))
     (staging / "nd_mv_unet.json").write_text(json.dumps(ND_LDM, indent=1))

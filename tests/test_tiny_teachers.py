@@ -82,12 +82,12 @@ def test_files_have_the_released_layouts_and_load_through_the_ports_loaders(buil
         a, b = teachers[name].unet.state_dict(), unet.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # MVDream reads the tiny SD's text encoder; ND-MV its own CLIP (width 48)
+    # MVDream reads the tiny SD's text encoder; ND-MV a copy of it (its own folder)
     tokenizer, text_encoder, unet, vae, _ = load_pretrained(out / "sd", "tiny", torch.float32)
     prompts = ["a red cube", ""]
     want = encode_prompts(tokenizer, text_encoder, prompts)
     assert torch.equal(teachers["mvdream"].encode_text(prompts), want)
-    assert teachers["richdreamer"].encode_text(prompts).shape == (2, 77, 48)
+    assert torch.equal(teachers["richdreamer"].encode_text(prompts), want)
     info = tt.read_manifest(out)
     assert info["mvdream"]["scaling_factor"] == vae.config.scaling_factor
     assert info["richdreamer"]["depth_radius"] == tt.DEPTH_RADIUS
@@ -122,6 +122,30 @@ def test_mvdream_starts_from_the_sd_unet():
         assert torch.equal(model(x, t, c, cam, num_frames=4), model(x, t, c, None, num_frames=4))
 
 
+def test_nd_mv_starts_from_the_sd_unet_below_its_32_px_level():
+    """Every ND-MV tensor is the tiny SD's one level up (linear projections as 1x1 convs),
+    except those of its extra 32 px level and its camera MLP (output zero)."""
+    from diffusers import UNet2DConditionModel
+
+    sd = fill(UNet2DConditionModel(**TINY_UNET), seed=1)
+    nd = tt.nd_from_single_view(sd, tt.ND_LDM)
+    theirs, new = sd.state_dict(), set()
+    for name, value in nd.state_dict().items():
+        src = theirs.get(tt.shifted_level(name, 1))
+        if src is None or src.numel() != value.numel():
+            new.add(name.split(".weight")[0].split(".bias")[0])
+        else:
+            assert torch.equal(value, src.reshape(value.shape)), name
+    blocks = {".".join(n.split(".")[:2]) for n in new}
+    assert blocks == {"class_embedding.linear_1", "class_embedding.linear_2", "down_blocks.0",
+                      "up_blocks.1", "up_blocks.2"}, blocks  # fmt: skip
+    assert all(n.startswith("up_blocks.1.upsamplers") for n in new if "up_blocks.1" in n)
+    # the SD's text cross-attention sits at ND-MV's 8 x 8 level
+    k = "attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(nd.state_dict()["down_blocks.2." + k], theirs["down_blocks.1." + k])
+    assert not nd.class_embedding.linear_2.weight.any()
+
+
 def test_training_inputs_are_what_the_roles_and_oracles_pack():
     gen = torch.Generator().manual_seed(0)
     prompts = ["a red cube", "a blue torus"]
@@ -152,7 +176,7 @@ def test_a_teacher_trained_on_one_scene_denoises_it_better_than_another():
     views, labels = tt.render_view_sets(prompts, 2, CAMERAS, gen, size=size)
     x0 = MultiViewNormalDepth(4, radius=tt.DEPTH_RADIUS).encode(views, size)
     camera = richdreamer.camera_condition(views.cameras)
-    encoder = tb.frozen_text_encoder(0.3, gen, tt.ND_TEXT)
+    encoder = tb.frozen_text_encoder(0.3, gen)
     text = encode_prompts(build_clip_tokenizer(), encoder, prompts + [""])
     unet = mv.MultiViewUNet.build(mv.unet_config(dict(tt.ND_LDM, image_size=size)))
     rows = [tt.object_rows(torch.nonzero(labels == scene)[:, 0]) for scene in (0, 1)]
