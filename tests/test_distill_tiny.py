@@ -87,7 +87,7 @@ def test_the_preset_reads_what_tiny_teachers_writes(repo_like):
     assert all(x.loss == "asd" and x.guidance_scale > 1 for x in g.values())
     assert [g[r].asd_shift_ratio for r in ROLES] == [0.0, 0.0, 0.1]
     assert all(x.anneal_steps == cfg.train.steps for x in g.values())
-    assert cfg.train.progressive_steps == 4 and cfg.mesh.enabled
+    assert cfg.train.progressive_steps == cfg.sample.steps == 4 and cfg.mesh.enabled
 
 
 def test_two_steps_on_one_rank(repo_like, tmp_path, monkeypatch):
