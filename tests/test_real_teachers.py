@@ -7,10 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_multiview_unet import fill, original_layout
-from test_train import sd_teacher, tiny_cfg
+from test_train import sd_teacher, tiny_cfg, train_keeping_teachers
 from transformers import CLIPTextConfig, CLIPTextModel
 
-import prd.train as train_mod
 from prd import checkpoint
 from prd.pretrained_teachers import load
 from prd.teacher_setup import REFERENCE_NEGATIVE_PROMPT, TeacherSpec, check_teachers
@@ -72,20 +71,8 @@ def test_two_steps_with_the_three_pretrained_teachers(tmp_path, tiny_sd_folder, 
     )
     cfg.teachers.mvdream.ldm_kwargs = dict(TINY_MV)
     cfg.teachers.richdreamer.ldm_kwargs = dict(TINY_ND)
-    built = {}
-    real = train_mod.build_teachers
-    mp = pytest.MonkeyPatch()
-
-    def spy(*args, **kwargs):
-        built["teachers"] = real(*args, **kwargs)
-        return built["teachers"]
-
-    mp.setattr(train_mod, "build_teachers", spy)
-    try:
-        summary = train_mod.train(cfg, tmp_path / "run")
-    finally:
-        mp.undo()
-    roles = {r.name: r for r in built["teachers"]}
+    summary, teachers = train_keeping_teachers(cfg, tmp_path / "run")
+    roles = {r.name: r for r in teachers}
     assert list(roles) == ["sd", "mvdream", "richdreamer"]
     sd, mvd, nd = roles["sd"], roles["mvdream"], roles["richdreamer"]
     # MVDream: the student's (SD 2.1's) text encoder, the SD teacher's VAE, one model for

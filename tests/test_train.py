@@ -422,22 +422,27 @@ def sd_teacher(folder: Path) -> list[str]:
     ]
 
 
-def test_sd_teacher_on_the_students_base_trains_both_branches(tmp_path, tiny_sd_folder):
+def train_keeping_teachers(cfg: Config, run_dir: Path) -> tuple[dict, list]:
+    """``train(cfg, run_dir)`` -> (its summary, the teachers it built)."""
     built = {}
     real = train_mod.build_teachers
-    mp = pytest.MonkeyPatch()
 
     def spy(*args, **kwargs):
         built["teachers"] = real(*args, **kwargs)
         return built["teachers"]
 
+    mp = pytest.MonkeyPatch()
     mp.setattr(train_mod, "build_teachers", spy)
     try:
-        cfg = tiny_cfg("train.steps=2", "mesh.enabled=true", *sd_teacher(tiny_sd_folder))
-        summary = train_mod.train(cfg, tmp_path / "run")
+        summary = train_mod.train(cfg, run_dir)
     finally:
         mp.undo()
-    (role,) = built["teachers"]
+    return summary, built["teachers"]
+
+
+def test_sd_teacher_on_the_students_base_trains_both_branches(tmp_path, tiny_sd_folder):
+    cfg = tiny_cfg("train.steps=2", "mesh.enabled=true", *sd_teacher(tiny_sd_folder))
+    summary, (role,) = train_keeping_teachers(cfg, tmp_path / "run")
     assert role.name == "sd" and role.denoiser.borrowed is not None  # the student's UNet
     assert all(t.denoiser is role.denoiser for t in role.branches.values())
     records = checkpoint.read_metrics(tmp_path / "run")
