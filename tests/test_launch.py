@@ -154,6 +154,8 @@ def test_launch_scripts_run_the_given_python_not_a_bare_one(tmp_path):
         (bin_dir / name).chmod(0o755)
     shutil.copy(bin_dir / "python", bin_dir / "python3")
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", CALLS=str(calls))
+    for key in ("PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
+        env.pop(key, None)  # a PYTHON of an outer `make test PYTHON=...` run must not leak in
     make = subprocess.run(
         ["make", "-n", "demo", f"PYTHON={bin_dir / 'mypython'}", f"RUN={tmp_path / 'run'}"],
         cwd=REPO, env=env, capture_output=True, text=True, check=True,
