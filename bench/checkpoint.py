@@ -1,4 +1,4 @@
-"""Cost of a checkpoint's world-size-independent copy (``prd.checkpoint.consolidate``)
+"""Cost of a checkpoint's world-size-independent copy (``prd.reshard.consolidate``)
 beside DeepSpeed's own save, for a preset's trainable parameters.
 
     python -m bench.checkpoint [--config configs/oracle.yaml] [--repeats 5] [key=value ...]
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from prd import checkpoint, distributed
+from prd import distributed, reshard
 from prd.config import load
 from prd.model import build_model
 from prd.train import deepspeed_config, make_optimizer
@@ -66,8 +66,8 @@ def main() -> None:
             args.repeats,
         )
         gathered = {}
-        cons = best(lambda: gathered.update(state=checkpoint.consolidate(engine)), args.repeats)
-        path = folder / "t" / checkpoint.CONSOLIDATED
+        cons = best(lambda: gathered.update(state=reshard.consolidate(engine)), args.repeats)
+        path = folder / "t" / reshard.CONSOLIDATED
         write = best(lambda: torch.save(gathered["state"], path), args.repeats)
         ds_bytes = sum(f.stat().st_size for f in (folder / "t").iterdir() if f != path)
         if info.is_main:

@@ -4,7 +4,7 @@ Layout of a run folder:
   config.yaml                      the full resolved config of the run
   ckpt/step_00000100/              one DeepSpeed checkpoint (model + optimizer states)
   ckpt/step_00000100/trainer_rank0.pt   step, RNG states, prompt-stream position of rank 0
-  ckpt/step_00000100/consolidated.pt    fp32 weights + optimizer state per parameter name
+  ckpt/step_00000100/consolidated.pt    fp32 weights + optimizer state by name (prd.reshard)
   ckpt/step_00000100/manifest.json      size and sha256 of every file above, world size
   ckpt/latest                      the tag of the newest *complete* checkpoint
   export/step_00000100.safetensors trainable weights alone (what ``prd sample`` loads)
@@ -24,16 +24,12 @@ truncated or corrupt ``latest`` (a disk filled up, a copy cut short) is named in
 set aside as ``step_N.corrupt`` and the previous complete checkpoint is used; ``keep_ckpts``
 (default 2) keeps one to fall back on.
 
-Another world size on resume: DeepSpeed 0.19 refuses to load ZeRO optimizer partitions
-saved by another data-parallel size, and its universal checkpoint needs an offline
-conversion (``ds_to_universal``) of every checkpoint. The trainable tensors here are only
-the adapters and field MLPs (0.26 MiB in the tiny run, ~22.7M values at SD size), so each
-save also writes ``consolidated.pt``: every trainable parameter's fp32 master weight and
-optimizer state by parameter name, gathered with DeepSpeed's tensor-fragment API
-(``safe_get_full_*``), which is independent of how ZeRO partitions them. A resume on
-another world size loads the module from DeepSpeed's files and scatters these tensors into
-the new partitions (``safe_set_full_*``); a resume on the same world size loads DeepSpeed's
-own files, bit for bit.
+Another world size on resume: DeepSpeed cannot load its ZeRO optimizer partitions on
+another data-parallel size, so each save also writes ``consolidated.pt``, a
+world-size-independent copy of the trainable state, and such a resume loads it
+(``prd.reshard``); a resume on the same world size loads DeepSpeed's own files, bit for
+bit. The trainer states of every saved rank then deal the prompt stream and the RNGs
+over the new ranks (``restore_position``).
 """
 
 from __future__ import annotations
@@ -48,12 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prd import reshard
 from prd.distributed import barrier
 
 CKPT_DIR = "ckpt"
 EXPORT_DIR = "export"
 MANIFEST = "manifest.json"
-CONSOLIDATED = "consolidated.pt"
 
 
 def tag_for(step: int) -> str:
@@ -99,9 +95,9 @@ def save_training_state(engine, run_dir: Path, step: int, rank: int, trainer_sta
         save_latest=False,
         exclude_frozen_parameters=True,
     )
-    consolidated = consolidate(engine)  # collective
+    consolidated = reshard.consolidate(engine)  # collective
     if rank == 0:
-        torch.save(consolidated, ckpt / tag / CONSOLIDATED)
+        torch.save(consolidated, ckpt / tag / reshard.CONSOLIDATED)
     barrier()  # every rank's files are complete
     if rank == 0:
         write_manifest(ckpt / tag, step, world)
@@ -153,7 +149,7 @@ def _legacy(tag_dir: Path) -> bool:
     """A checkpoint written before manifests and consolidated copies (trainer files only)."""
     return (
         not (tag_dir / MANIFEST).exists()
-        and not (tag_dir / CONSOLIDATED).exists()
+        and not (tag_dir / reshard.CONSOLIDATED).exists()
         and (tag_dir / "trainer_rank0.pt").is_file()
     )
 
@@ -260,17 +256,7 @@ def load_training_state(engine, run_dir: Path, rank: int, step: int) -> dict:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt / tag}")
         state = _load_own(ckpt / tag / f"trainer_rank{rank}.pt")
     else:
-        load_path, _ = engine.load_checkpoint(
-            str(ckpt),
-            tag=tag,
-            load_module_strict=False,
-            load_optimizer_states=False,
-            load_lr_scheduler_states=False,
-            load_module_only=True,
-        )
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt / tag}")
-        scatter_consolidated(engine, _load_own(ckpt / tag / CONSOLIDATED))
+        reshard.load_resharded(engine, ckpt, tag, _load_own(ckpt / tag / reshard.CONSOLIDATED))
         states = [_load_own(ckpt / tag / f"trainer_rank{r}.pt") for r in range(saved_world)]
         state = dict(states[min(rank, saved_world - 1)])
         state["resharded_from"] = states
@@ -298,69 +284,6 @@ def restore_position(state: dict, generator: torch.Generator, stream, rank: int,
         np.random.seed(fresh % 2**32)
         random.seed(fresh)
     stream.load_resharded([s["stream"] for s in old])
-
-
-def consolidate(engine) -> dict:
-    """Every trainable parameter's fp32 master weight and optimizer state, by name, whole
-    (collective: every rank calls it; the same result on every rank). Optimizer entries
-    that are not per-element (a step count) are kept from the first parameter group."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    base = engine.optimizer.optimizer  # the wrapped torch optimizer (ZeRO's flat partitions)
-    keys, scalars = [], {}
-    for flat in base.param_groups[0]["params"]:
-        for key, value in base.state[flat].items():
-            if torch.is_tensor(value) and value.shape == flat.shape:
-                keys.append(key)
-            else:
-                scalars[key] = value.clone() if torch.is_tensor(value) else value
-    params = {}
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
-        full = {"fp32": safe_get_full_fp32_param(p).cpu()}
-        for key in keys:
-            full[key] = safe_get_full_optimizer_state(p, key).cpu()
-        params[name] = full
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
-    return {"params": params, "scalars": scalars, "param_groups": groups}
-
-
-def scatter_consolidated(engine, consolidated: dict) -> None:
-    """Put a ``consolidate`` result into this rank's ZeRO partitions and the module's
-    weights (any world size); KeyError naming parameters that do not match."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    saved = consolidated["params"]
-    trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
-    if saved.keys() != trainable.keys():
-        missing, extra = (
-            sorted(trainable.keys() - saved.keys()),
-            sorted(saved.keys() - trainable.keys()),
-        )
-        raise KeyError(f"consolidated checkpoint: missing {missing[:5]}, unexpected {extra[:5]}")
-    base = engine.optimizer.optimizer
-    # Before its first step the torch optimizer has no state (it creates it lazily) and
-    # ZeRO has not tied the parameters' fragments to it: create the entries, then let ZeRO
-    # tie them (what it does itself after the first step), then fill them in.
-    keys = sorted({k for tensors in saved.values() for k in tensors if k != "fp32"})
-    for flat in (f for g in base.param_groups for f in g["params"]):
-        for key in keys:
-            base.state[flat].setdefault(key, torch.zeros_like(flat))
-        for key, value in consolidated["scalars"].items():
-            base.state[flat][key] = value.clone() if torch.is_tensor(value) else value
-    engine.optimizer._hp_optimizer_states_linked = False
-    engine.optimizer._lazy_init_hp_params_optimizer_state()
-    for name, p in trainable.items():
-        for key, value in saved[name].items():
-            if key == "fp32":
-                safe_set_full_fp32_param(p, value.to(p.device))
-                with torch.no_grad():
-                    p.copy_(value.to(p.dtype))
-            else:
-                safe_set_full_optimizer_state(p, value.to(p.device), key)
-    for group, saved_group in zip(base.param_groups, consolidated["param_groups"]):
-        group.update(saved_group)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

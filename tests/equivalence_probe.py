@@ -8,7 +8,7 @@ noise, timesteps, prompts, field points, all seeded by the sample's index); its 
 the mean over its batch, as every loss of the training loop is. The step runs K
 progressive micro-steps with ``prd.train``'s DeepSpeed settings, optimizer and
 ``reaching_every_parameter``; rank 0 saves every parameter's fp32 weight and AdamW moments
-(``prd.checkpoint.consolidate``) to OUT.pt.
+(``prd.reshard.consolidate``) to OUT.pt.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone"]
 def one_update(batch: int, out: Path) -> None:
     import deepspeed
 
-    from prd import checkpoint, distributed
+    from prd import distributed, reshard
     from prd.config import load
     from prd.model import build_model
     from prd.train import deepspeed_config, make_optimizer, reaching_every_parameter
@@ -70,7 +70,7 @@ def one_update(batch: int, out: Path) -> None:
         engine.backward(reaching_every_parameter(loss, trainable))
         engine.step()
     assert engine.was_step_applied()
-    state = checkpoint.consolidate(engine)
+    state = reshard.consolidate(engine)
     if info.is_main:
         torch.save(state["params"], out)
 

@@ -9,7 +9,7 @@ from launching import RUN, STANDALONE_2, clean_env, prd_train, run, torchrun
 from test_train import TINY, assert_same_tensors, export, load_cfg_of, tiny_cfg
 
 import prd.train as train_mod
-from prd import checkpoint, cli
+from prd import checkpoint, cli, reshard
 from prd.distributed import DistInfo
 
 # the learning rate drops to 0 from step 3 on: AdamW then leaves the weights exactly as
@@ -55,7 +55,7 @@ def test_one_rank_to_two_to_one_with_a_damaged_latest(tmp_path, capsys):
         assert state["stream"] == dealt_stream(run_dir, rank, 2, one_rank, 1)
 
     # step 3 is pruned by the end (keep_ckpts 2): what it holds, read now
-    consolidated = saved(run_dir, 3, checkpoint.CONSOLIDATED)["params"]
+    consolidated = saved(run_dir, 3, reshard.CONSOLIDATED)["params"]
     two_ranks = [saved(run_dir, 3, f"trainer_rank{r}.pt")["stream"] for r in (0, 1)]
     ckpt = run_dir / checkpoint.CKPT_DIR
     (victim,) = (ckpt / checkpoint.tag_for(4)).glob("*rank_1*optim_states.pt")
@@ -65,7 +65,7 @@ def test_one_rank_to_two_to_one_with_a_damaged_latest(tmp_path, capsys):
 
     def load_spy(engine, *args):
         state = real_load(engine, *args)
-        seen["gathered"] = checkpoint.consolidate(engine)
+        seen["gathered"] = reshard.consolidate(engine)
         return state
 
     def restore_spy(state, gen, stream, rank, seed):

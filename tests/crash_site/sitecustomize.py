@@ -31,10 +31,10 @@ def kill_once(kind: str, at: int) -> None:
 
 
 def install() -> None:
-    from prd import checkpoint
+    from prd import checkpoint, reshard
     from prd.losses import Ramp
 
-    real_consolidate = checkpoint.consolidate
+    real_consolidate = reshard.consolidate
     saving = {"step": 0}
 
     def consolidate(engine):
@@ -54,7 +54,7 @@ def install() -> None:
         kill_once("step", step + 1)
         return real_at(self, step)
 
-    checkpoint.consolidate = consolidate
+    reshard.consolidate = consolidate
     checkpoint.save_training_state = save_training_state
     Ramp.at = at
 
