@@ -1,6 +1,7 @@
 """Test-wide settings: one torch thread per process (CI boxes have 2 shared cores)."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +12,24 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_TRAINING = [
+    f"prompts.file={REPO / 'configs' / 'oracle_train_prompts.txt'}",
+    "volume.resolution=16",
+    "volume.patch_size=8",
+    "volume.global_size=8",
+    "volume.n_importance=0",
+    "mesh.resolution=16",
+    "mesh_grid=16",
+    "train.torch_threads=1",
+    "train.image_every=0",
+]
+"""Overrides shared by the tests that train at tiny size on CPU (test_train's ``TINY``,
+test_config's first step of every preset, test_distill_tiny's ``SMALL``): small renders
+and mesh grids, the oracle preset's prompts, one thread, no images. Each test adds its own
+(samples per ray, batch, steps, teachers' renders, ...)."""
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TRAINING
 
 from prd.config import Config, load
 from prd.configio import ConfigError, load_config, read_overlay
@@ -157,24 +158,16 @@ def test_override_without_value_fails():
 # Sizes for a first training step on CPU; every other choice of a preset (K, optimizer,
 # ZeRO stage, gradient checkpointing, field, losses, cameras, ...) stays as it is.
 FIRST_STEP_AT_TINY_SIZE = [
+    *TINY_TRAINING,
     "student.arch=tiny",
     "student.pretrained=null",
     "student.latent_size=null",
-    "volume.resolution=16",
-    "volume.patch_size=8",
-    "volume.global_size=8",
     "volume.n_uniform=8",
-    "volume.n_importance=0",
-    "mesh.resolution=16",
-    "mesh_grid=16",
     "background.log2_table_size=12",
     *(f"teachers.{role}.resolution=16" for role in ("sd", "mvdream", "richdreamer")),
     "train.steps=1",
     "train.batch_size=1",
     "train.precision=fp32",  # bf16 matmuls are ~70x slower on these CPUs
-    "train.torch_threads=1",
-    "train.image_every=0",
-    f"prompts.file={REPO / 'configs' / 'oracle_train_prompts.txt'}",
 ]
 
 

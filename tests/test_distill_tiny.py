@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAINING
 from test_tiny_teachers import CAMERAS, FAST, FAST_BASE
 
 import prd.tiny_teachers as tt
@@ -30,17 +31,10 @@ TEACHERS = "runs/tiny_teachers"
 ROLES = ("sd", "mvdream", "richdreamer")
 # Smaller renders than the preset's; every teacher setting stays the preset's.
 SMALL = [
-    f"prompts.file={REPO / 'configs' / 'oracle_train_prompts.txt'}",
-    "volume.resolution=16",
-    "volume.patch_size=8",
-    "volume.global_size=8",
+    *TINY_TRAINING,
     "volume.n_uniform=8",
-    "volume.n_importance=0",
-    "mesh.resolution=16",
-    "mesh_grid=16",
     "train.batch_size=1",
     "train.steps=2",
-    "train.image_every=0",
     "train.log_every=1",
 ]
 
@@ -100,7 +94,7 @@ def test_two_steps_on_one_rank(repo_like, tmp_path, monkeypatch):
         return built["teachers"]
 
     monkeypatch.setattr(train_mod, "build_teachers", spy)
-    summary = train_mod.train(preset("train.torch_threads=1"), tmp_path / "run")
+    summary = train_mod.train(preset(), tmp_path / "run")
     roles = {r.name: r for r in built["teachers"]}
     assert list(roles) == list(ROLES)
     # the learned weights reached the run: ND-MV's UNet is the checkpoint's
@@ -122,7 +116,7 @@ def test_two_steps_on_two_ranks(repo_like, tmp_path):
         env.pop(key, None)  # this process's single-rank group must not leak into the launch
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "prd", "train", "--config", str(PRESET), "--out", str(run_dir)]
-    cmd += [*SMALL, "train.torch_threads=1"]
+    cmd += SMALL
     done = subprocess.run(cmd, env=env, cwd=repo_like, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2

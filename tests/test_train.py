@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAINING
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,21 +39,11 @@ from prd.weights import load_weights  # noqa: E402
 
 # Small enough for ~1 s per optimizer step with K = 2 (mesh branch off unless asked).
 TINY = [
-    f"prompts.file={REPO / 'configs' / 'oracle_train_prompts.txt'}",
-    "volume.resolution=16",
-    "volume.patch_size=8",
-    "volume.global_size=8",
+    *TINY_TRAINING,
     "volume.n_uniform=16",
-    "volume.n_importance=0",
-    "mesh.resolution=16",
-    "mesh_grid=16",
     "mesh.enabled=false",
-    "teachers.sd.resolution=16",
-    "teachers.mvdream.resolution=16",
-    "teachers.richdreamer.resolution=16",
+    *(f"teachers.{role}.resolution=16" for role in ("sd", "mvdream", "richdreamer")),
     "train.progressive_steps=2",
-    "train.torch_threads=1",
-    "train.image_every=0",
     "train.log_every=1",
     # the paper's setting: PETA adapters train on a frozen base that predicts eps as is
     # (here a random-init one: the tests do not build the default's pretrained tiny base)
