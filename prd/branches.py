@@ -125,6 +125,7 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
         cfg.resolution,
         get_backend(cfg.backend),
         background=background if callable(background) else tuple(float(c) for c in background),
+        view_chunk=cfg.view_chunk,
     )
     cover = out.mask.clamp_min(1e-4)
     depth = out.far - out.depth / cover * (out.far - out.near)
