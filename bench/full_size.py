@@ -11,13 +11,13 @@ encoder and the SD teacher's VAE; ND-MV's released UNet with a CLIP ViT-L/14 tex
 The step follows ``prd.train`` (one progressive step k, whose graph backward frees before
 the next k: the loop's memory peak is one k's): text, student UNet, VAE decode, volume
 branch, mesh branch, each teacher on each branch (each teacher's activations are freed
-when its call returns: ASD's teacher pass is gradient-free and only the VAE encoder's
-graph is kept, checkpointed when asked), backward, optimizer step.
+when its call returns: ASD's teacher pass is gradient-free, and the gradient with respect
+to the renders is taken at once, freeing the VAE encoder's graph), backward, optimizer
+step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import time
@@ -28,7 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench.sd_teacher import teacher_in_code
 from prd import precision
-from prd.branches import mesh_branch, volume_branch
+from prd.branches import render_branches, score_branches
 from prd.config import Config, load
 from prd.model import PRDModel, build_model
 from prd.pretrained_teachers import StudentBase
@@ -190,16 +190,16 @@ def one_step(
     k: int = 0,
     step: int = 0,
     seed: int = 0,
-    early_teacher_grads: bool = False,
+    early_teacher_grads: bool = True,
 ) -> dict[str, float]:
     """Progressive step ``k`` (0-based; its timestep) of training step ``step`` for the
     prompts of ``PROMPTS`` (first ``train.batch_size``), backward and the optimizer step;
     ``on_phase(name)`` after each phase. Returns the losses.
 
-    early_teacher_grads: take each teacher loss's gradient with respect to the renders
-    right after the call (which frees that teacher's graph, e.g. its VAE encoder's) and
-    carry it on as sum(render x gradient): the same gradients reach the student, but only
-    one teacher graph is alive at a time instead of all of them until the backward."""
+    The renders and teacher calls are the training loop's (``prd.branches``:
+    ``render_branches``, ``score_branches``). early_teacher_grads: each teacher loss's
+    gradient with respect to the renders is taken right after its call, as in training;
+    False keeps every teacher's graph until the backward (the lever's baseline)."""
     gen = torch.Generator().manual_seed(seed)
     b, planes = cfg.train.batch_size, cfg.student.planes
     if cfg.prompts.prompts or cfg.prompts.file:  # e.g. an oracle's scenes
@@ -223,50 +223,25 @@ def one_step(
     field = model.field(geometry.float(), texture.float())
     on_phase("vae_decode")
     cams = sample_cameras(b, cfg.cameras, gen)
-    branches = {
-        "volume": volume_branch(
-            field,
-            cams,
-            cfg.volume,
-            cfg.cameras.n_views,
-            gen,
-            backdrop,
-            cfg.train.volume_color_grad.at(step),
-        )  # fmt: skip
-    }
-    on_phase("volume_branch")
-    if cfg.mesh.enabled:
-        branches["mesh"] = mesh_branch(field, cams, cfg.mesh, cfg.mesh_grid, backdrop)
-        on_phase("mesh_branch")
-    loss = regularization(branches["volume"].regularizers, cfg.train, step)
-    losses = {}
-    for teacher in teachers:
-        for branch, out in branches.items():
-            if early_teacher_grads:
-                # the teacher sees detached copies of the renders: its graph ends there and
-                # is freed by the autograd.grad below, and their gradients are the loss's
-                # partial derivatives with respect to each render, carried on the originals
-                v = out.views
-                names = [
-                    n for n in ("rgb", "mask", "depth", "normal") if getattr(v, n).requires_grad
-                ]
-                cut = {n: getattr(v, n).detach().requires_grad_(True) for n in names}
-                g = teacher.for_branch(branch)(dataclasses.replace(v, **cut), prompts, step, gen)
-                grads = torch.autograd.grad(g.loss, list(cut.values()), allow_unused=True)
-                for n, gx in zip(names, grads, strict=True):
-                    if gx is not None:
-                        loss = loss + (getattr(v, n) * gx).sum()
-            else:
-                g = teacher.for_branch(branch)(out.views, prompts, step, gen)
-                loss = loss + g.loss
-            losses[f"{teacher.name}/{branch}"] = g.loss.item()
-            on_phase(f"teacher_{teacher.name}_{branch}")
+    branches = render_branches(
+        field, cams, cfg, gen, backdrop, step, on_branch=lambda name: on_phase(f"{name}_branch")
+    )
+    scores = score_branches(
+        branches,
+        teachers,
+        prompts,
+        step,
+        gen,
+        early_grads=early_teacher_grads,
+        on_score=lambda teacher, branch: on_phase(f"teacher_{teacher}_{branch}"),
+    )
+    loss = scores.loss + regularization(branches["volume"].regularizers, cfg.train, step)
     loss.backward()
     on_phase("backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     on_phase("optimizer")
-    return losses
+    return {f"{t}/{b}": v.item() for (t, b), v in scores.losses.items()}
 
 
 def rss_gib() -> float:

@@ -4,7 +4,7 @@ process's peak RSS (the OS's figure) after each phase: build, student UNet, deco
 branch, each teacher, backward, optimizer.
 
     MALLOC_MMAP_THRESHOLD_=131072 python -m bench.memory [--json FILE]
-        [--teachers all|none|sd,mvdream,...] [--early-teacher-grads] [key=value ...]
+        [--teachers all|none|sd,mvdream,...] [--late-teacher-grads] [key=value ...]
 
 (the environment setting makes glibc return freed large blocks to the OS, so the current
 RSS printed beside the peak follows the live tensors; the peak is the OS's either way)
@@ -16,8 +16,10 @@ step k: the loop backpropagates each k's loss before the next and keeps only the
 x0, so a step's peak is one k's (``prd.train``). Levers are config overrides measured
 run against run, e.g. ``train.precision=bf16`` (frozen weights bf16),
 ``student.gradient_checkpointing=false``, ``teachers.sd.gradient_checkpointing=false``,
-``volume.chunk_rays=1024``, and ``--early-teacher-grads`` (one teacher graph alive at a
-time). ``--teachers none`` replaces the teachers by a stand-in loss
+``volume.chunk_rays=1024``, ``student.decode_chunk=0`` (the decode as one pass, its
+up-blocks checkpointed), ``mesh.view_chunk=0`` (the raster graph of all views at once),
+and ``--late-teacher-grads`` (every teacher graph kept until the backward, where training
+takes each teacher's gradient at once). ``--teachers none`` replaces the teachers by a stand-in loss
 (the mean of every rendered channel) whose backward runs through both branches and the
 student: the student side's share, measurable in a process of its own; one role alone
 (``--teachers sd``) adds that teacher. Run one configuration per process (peak RSS is the
@@ -58,9 +60,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the report to this file")
     p.add_argument(
-        "--early-teacher-grads",
+        "--late-teacher-grads",
         action="store_true",
-        help="free each teacher's graph after its call (bench.full_size.one_step)",
+        help="keep every teacher's graph until the backward (training frees each at once)",
     )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -88,11 +90,11 @@ def main() -> None:
     for name, m in models.items():
         kinds = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in m["by_dtype"].items())
         print(f"  {name:52s} {m['parameters'] / 1e6:8.1f}M  {m['bytes'] / GIB:6.2f} GiB  ({kinds})")
-    one_step(cfg, model, teachers, opt, log, early_teacher_grads=args.early_teacher_grads)
+    one_step(cfg, model, teachers, opt, log, early_teacher_grads=not args.late_teacher_grads)
     report = {
         "config": args.config or ["configs/sd21.yaml"],
         "overrides": args.overrides,
-        "early_teacher_grads": args.early_teacher_grads,
+        "early_teacher_grads": not args.late_teacher_grads,
         "teachers": sorted(chosen) or "stand-in",
         "precision": cfg.train.precision,
         "models": models,

@@ -8,11 +8,18 @@ factor; its per-sample SDF gradients feed the eikonal loss, its opacity the spar
 
 Mesh branch: marching cubes on the deformable grid, rasterized RGB / mask / depth /
 normals; SDF gradients arriving through it are scaled (docs/reference.md, "Mesh branch": 0.001).
+
+``render_branches`` runs both for one progressive step and ``score_branches`` hands their
+views to every teacher: the training loop (``prd.train``) and the full-size benchmark
+(``bench.full_size``) share them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +30,11 @@ from renderers.isosurface import evaluate_grid, extract_surface
 from renderers.mesh import MeshRenderConfig, render_mesh, scale_grad
 from renderers.raster import get_backend
 from renderers.volume import ViewMaps, VolumeConfig, render_views
-from teachers.base import Views
+from teachers.base import GuidanceOut, Views
+
+if TYPE_CHECKING:
+    from prd.config import Config
+    from prd.teacher_setup import RoleTeachers
 
 
 @dataclass
@@ -125,6 +136,7 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
         cfg.resolution,
         get_backend(cfg.backend),
         background=background if callable(background) else tuple(float(c) for c in background),
+        view_chunk=cfg.view_chunk,
     )
     cover = out.mask.clamp_min(1e-4)
     depth = out.far - out.depth / cover * (out.far - out.near)
@@ -139,3 +151,99 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
     return BranchOut(
         views, {"empty_meshes": torch.tensor(float(sum(m.empty or m.repaired for m in meshes)))}
     )
+
+
+def render_branches(
+    field,
+    cameras: Cameras,
+    cfg: Config,
+    generator: torch.Generator,
+    background,
+    step: int,
+    on_branch: Callable[[str], None] | None = None,
+) -> dict[str, BranchOut]:
+    """One progressive step's renders: {"volume": ..., "mesh": ...} (the mesh branch when
+    cfg.mesh.enabled), in that order, the volume branch's colour gradient scaled by
+    cfg.train.volume_color_grad at ``step``. ``on_branch(name)`` after each (a benchmark's
+    phase hook)."""
+    volume = volume_branch(
+        field,
+        cameras,
+        cfg.volume,
+        cfg.cameras.n_views,
+        generator,
+        background,
+        cfg.train.volume_color_grad.at(step),
+    )
+    branches = {"volume": volume}
+    if on_branch:
+        on_branch("volume")
+    if cfg.mesh.enabled:
+        branches["mesh"] = mesh_branch(field, cameras, cfg.mesh, cfg.mesh_grid, background)
+        if on_branch:
+            on_branch("mesh")
+    return branches
+
+
+@dataclass
+class Scores:
+    """Every teacher's loss on every branch of one progressive step."""
+
+    loss: torch.Tensor
+    """() what to backpropagate: the gradients of the sum of the teachers' losses."""
+    value: torch.Tensor
+    """() that sum (detached), added in the order of ``losses``."""
+    losses: dict[tuple[str, str], torch.Tensor]
+    """(teacher, branch) -> that teacher's loss on that branch (detached)."""
+    outputs: dict[tuple[str, str], GuidanceOut]
+    """(teacher, branch) -> the teacher's whole answer, when asked (``keep_outputs``: to
+    show its target, which a latent teacher decodes on access)."""
+
+
+def score_branches(
+    branches: dict[str, BranchOut],
+    teachers: list[RoleTeachers],
+    prompts: list[str],
+    step: int,
+    generator: torch.Generator,
+    early_grads: bool = True,
+    keep_outputs: bool = False,
+    on_score: Callable[[str, str], None] | None = None,
+) -> Scores:
+    """Every teacher on every branch (branch by branch, teachers in order: the order they
+    draw from ``generator``); ``on_score(teacher, branch)`` after each call.
+
+    early_grads: each teacher sees detached copies of the renders, and the gradient of its
+    loss with respect to them is taken right after its call, which frees the teacher's
+    graph (e.g. its checkpointed VAE encoder's); ``loss`` carries it on as
+    sum(render x gradient), whose gradients are the teachers' (to float rounding). Only
+    one teacher graph is then alive at a time instead of all of them until the backward.
+    False: ``loss`` is the sum of the losses themselves."""
+    device = next(iter(branches.values())).views.rgb.device
+    loss = torch.zeros((), device=device)
+    value = torch.zeros((), device=device)
+    losses, outputs = {}, {}
+    for branch, out in branches.items():
+        views = out.views
+        names = [n for n in ("rgb", "mask", "depth", "normal") if getattr(views, n).requires_grad]
+        for teacher in teachers:
+            score = teacher.for_branch(branch)
+            if early_grads:
+                cut = {n: getattr(views, n).detach().requires_grad_(True) for n in names}
+                g = score(dataclasses.replace(views, **cut), prompts, step, generator)
+                if g.loss.requires_grad:
+                    grads = torch.autograd.grad(g.loss, list(cut.values()), allow_unused=True)
+                    for n, d in zip(names, grads, strict=True):
+                        if d is not None:
+                            loss = loss + (getattr(views, n) * d).sum()
+            else:
+                g = score(views, prompts, step, generator)
+                loss = loss + g.loss
+            key = (teacher.name, branch)
+            losses[key] = g.loss.detach()
+            value = value + losses[key]
+            if keep_outputs:
+                outputs[key] = g
+            if on_score:
+                on_score(*key)
+    return Scores(loss, value, losses, outputs)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from prd.arch import (
@@ -77,7 +78,14 @@ class StudentConfig:
     latent_size: int | None = None
     """Side of each plane's latent; None = the arch's default (32 sd21, 8 tiny)."""
     gradient_checkpointing: bool = False
-    """Recompute UNet / decoder activations in backward to save memory."""
+    """Recompute UNet / decoder activations in backward to save memory (the decoder per
+    up-block, for all planes at once, unless ``decode_chunk`` is set)."""
+    decode_chunk: int = 0
+    """Planes per checkpointed segment of the VAE decode: each chunk's whole decode is
+    recomputed in backward, so the backward holds one chunk's decoder activations and the
+    forward keeps only the chunk's latents and features (same outputs and gradients; one
+    more decoder forward). It replaces the decoder's per-up-block checkpointing, which
+    would run the decoder a third time. 0: all planes in one decoder pass."""
     denoiser_skip: bool = False
     """Random-init students only: eps = sqrt(1 - ab_t) z_t + UNet(z_t), the UNet's
     conv_out zeroed, so the fresh student is the MMSE denoiser of unit-Gaussian latents
@@ -98,6 +106,10 @@ class StudentConfig:
         if self.triplane_channels < 1:
             raise ValueError(
                 f"student.triplane_channels must be >= 1, got {self.triplane_channels}"
+            )
+        if self.decode_chunk < 0:
+            raise ValueError(
+                f"student.decode_chunk must be >= 0 (0: no chunks), got {self.decode_chunk}"
             )
         if self.latent_size is not None and self.latent_size < 1:
             raise ValueError(f"student.latent_size must be >= 1, got {self.latent_size}")
@@ -178,7 +190,8 @@ class PRDStudent(nn.Module):
             self.decoder.requires_grad_(True)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            vae.enable_gradient_checkpointing()  # sets the decoder's checkpoint function
+            if not cfg.decode_chunk:  # chunks are their own segments (``decode``)
+                vae.enable_gradient_checkpointing()  # sets the decoder's checkpoint function
 
     @property
     def text_dim(self) -> int:
@@ -234,14 +247,30 @@ class PRDStudent(nn.Module):
 
         Latents are divided by the VAE scaling factor first, as SD decodes. H = h * 2^(n-1)
         for n decoder blocks (256 = 32 * 8 for SD 2.1). Planes and axes: see module doc.
+        With ``decode_chunk`` and gradients on, every ``decode_chunk`` planes (in batch
+        order) decode as one checkpointed segment; every decoder layer works on one plane
+        at a time (GroupNorm, convolutions, the mid-block's spatial attention), so chunks
+        change no output.
         """
         n, p, c = x0.shape[0], self.cfg.planes, self.cfg.triplane_channels
         if n % p:
             raise ValueError(f"x0 batch {n} is not a multiple of {p} planes")
-        z = self.post_quant_conv(x0.to(self.post_quant_conv.weight.dtype) / self.scaling_factor)
-        feats = self.decoder(z)  # (B*6, 2C, H, W)
+        chunk = self.cfg.decode_chunk
+        if chunk and torch.is_grad_enabled():
+            parts = [
+                checkpoint(self._decode_planes, part, use_reentrant=False)
+                for part in x0.split(chunk)
+            ]
+            feats = torch.cat(parts)
+        else:
+            feats = self._decode_planes(x0)  # (B*6, 2C, H, W)
         feats = feats.view(n // p, p, 2 * c, *feats.shape[-2:])
         return feats[:, :3, :c], feats[:, 3:, c:]
+
+    def _decode_planes(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 latents (N, 4, h, w) -> decoder features (N, 2C, H, W)."""
+        z = self.post_quant_conv(x0.to(self.post_quant_conv.weight.dtype) / self.scaling_factor)
+        return self.decoder(z)
 
 
 def check_base(cfg: StudentConfig) -> None:

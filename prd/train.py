@@ -8,6 +8,8 @@ One optimizer step, for each micro-batch of prompts:
      c. fresh cameras (4 views per object)
      d. volume branch: NeuS patch render; mesh branch: marching cubes + rasterizer
      e. losses: every teacher on every branch, eikonal + sparsity on the volume branch
+        (each teacher's gradient w.r.t. the renders is taken right after its call, so
+        no teacher graph lives until the backward: ``prd.branches.score_branches``)
      f. backward of the step's loss; DeepSpeed divides it by its accumulation steps
         (K x grad_accum), which is the paper's 1/K; x0 is detached for step k + 1
   3. one optimizer step (DeepSpeed at the accumulation boundary), at the step's learning
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from prd import checkpoint, distributed, precision
-from prd.branches import mesh_branch, volume_branch
+from prd.branches import render_branches, score_branches
 from prd.config import Config, TrainConfig, load
 from prd.configio import load_config_text, to_dict, to_yaml
 from prd.evaluate import TrainingEval
@@ -327,34 +329,24 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
                 # 2c. fresh cameras
                 cams = sample_cameras(b, cfg.cameras, gen, device=info.device)
                 # 2d. the two renders
-                branches = {
-                    "volume": volume_branch(
-                        field,
-                        cams,
-                        cfg.volume,
-                        cfg.cameras.n_views,
-                        gen,
-                        backdrop,
-                        t_cfg.volume_color_grad.at(step),
-                    )
-                }
-                if cfg.mesh.enabled:
-                    branches["mesh"] = mesh_branch(field, cams, cfg.mesh, cfg.mesh_grid, backdrop)
-                # 2e. teachers on every branch, regularizers on the volume branch
-                loss_k = torch.zeros((), device=info.device)
-                for branch, out in branches.items():
-                    for teacher in teachers:
-                        g = teacher.for_branch(branch)(out.views, prompts, step, gen)
-                        loss_k = loss_k + g.loss
-                        losses[f"{teacher.name}/{branch}/k{k + 1}"] = g.loss.item()
-                        if log_images:  # a latent teacher decodes its target to show it
-                            images[(branch, k, teacher.name)] = (out.views, g.target)
+                branches = render_branches(field, cams, cfg, gen, backdrop, step)
+                # 2e. teachers on every branch (each teacher's gradient w.r.t. the renders
+                # taken at once, freeing its graph), regularizers on the volume branch
+                scores = score_branches(branches, teachers, prompts, step, gen,
+                                        keep_outputs=log_images)  # fmt: skip
+                for (name, branch), value in scores.losses.items():
+                    losses[f"{name}/{branch}/k{k + 1}"] = value.item()
+                for (name, branch), g in scores.outputs.items():
+                    # a latent teacher decodes its target to show it
+                    images[(branch, k, name)] = (branches[branch].views, g.target)
                 regs = branches["volume"].regularizers
                 for name, value in regs.items():
                     losses[f"{name}/k{k + 1}"] = value.item()
-                loss_k = loss_k + regularization(regs, t_cfg, step)
-                losses[f"total/k{k + 1}"] = loss_k.item()
-                if not torch.isfinite(loss_k):
+                reg_k = regularization(regs, t_cfg, step)
+                loss_k = scores.loss + reg_k
+                value_k = scores.value + reg_k.detach()
+                losses[f"total/k{k + 1}"] = value_k.item()
+                if not torch.isfinite(value_k):
                     # Backpropagated anyway: ZeRO's non-finite gradient check then skips the
                     # optimizer step and clears the gradients (asserted in the tests).
                     step_finite = False

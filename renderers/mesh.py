@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from renderers.cameras import Cameras, pixel_rays, world_to_clip
 from renderers.field import Field
@@ -29,10 +30,17 @@ class MeshRenderConfig:
     backend: str = "torch"
     """Raster backend: "torch" (default: pure torch, CPU and CUDA), "nvdiffrast" (CUDA, the
     optional ``[cuda]`` extra) or "auto" (nvdiffrast on CUDA when installed, else torch)."""
+    view_chunk: int = 0
+    """Views per object rasterized and shaded per checkpointed segment (``render_mesh``):
+    the backward holds one segment's raster graph instead of all views' (same renders and
+    gradients; every view rasterized twice). 0: all views in one graph. Meant for the
+    torch backend, whose 512 px graph is large; nvdiffrast's keeps little."""
 
     def __post_init__(self):
         if self.resolution < 1:
             raise ValueError(f"mesh render resolution must be >= 1, got {self.resolution}")
+        if self.view_chunk < 0:
+            raise ValueError(f"mesh.view_chunk must be >= 0 (0: no chunks), got {self.view_chunk}")
         if not self.grad_scale >= 0.0:
             raise ValueError(f"grad_scale must be >= 0, got {self.grad_scale}")
         if self.backend not in ("auto", "torch", "nvdiffrast"):
@@ -116,6 +124,7 @@ def render_mesh(
     near: float = 0.1,
     far: float = 4.0,
     background=(1.0, 1.0, 1.0),
+    view_chunk: int = 0,
 ) -> MeshRender:
     """Rasterize B objects' meshes from their V views each and shade them with the field.
 
@@ -129,13 +138,36 @@ def render_mesh(
     learned background). The colour is the field's albedo
     at the interpolated surface point (unlit). Returns a ``MeshRender`` in the cameras'
     dtype, differentiable with respect to verts (through u, v and antialias) and the
-    field's parameters.
+    field's parameters. view_chunk > 0 (with gradients on): every object's views are
+    rendered ``view_chunk`` at a time, each chunk (of all objects) a checkpointed segment
+    recomputed in backward; every step works per view or per pixel, so the renders and
+    gradients are those of one pass.
     """
     _check_meshes(verts, faces)
     n_obj = len(verts)
     if n_obj == 0 or len(cameras) % n_obj:
         raise ValueError(f"{len(cameras)} cameras do not split into {n_obj} objects' views")
     n_views = len(cameras) // n_obj
+    if 0 < view_chunk < n_views and torch.is_grad_enabled():
+        parts = []
+        for first in range(0, n_views, view_chunk):
+            last = min(first + view_chunk, n_views)
+            picked = [b * n_views + i for b in range(n_obj) for i in range(first, last)]
+            cams = cameras.index(torch.tensor(picked, device=cameras.device))
+
+            def chunk(*v, cams=cams):
+                out = render_mesh(v, faces, field, cams, resolution, backend, object_index,
+                                  near, far, background)  # fmt: skip
+                return out.rgb, out.mask, out.depth, out.normal
+
+            parts.append(checkpoint(chunk, *verts, use_reentrant=False))
+
+        def joined(i: int) -> torch.Tensor:
+            # chunks are object-major: (n_obj * views in chunk, ...) -> (n_obj * n_views, ...)
+            per_obj = [p[i].unflatten(0, (n_obj, -1)) for p in parts]
+            return torch.cat(per_obj, dim=1).flatten(0, 1)
+
+        return MeshRender(joined(0), joined(1), joined(2), joined(3), near=near, far=far)
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     obj = list(range(n_obj)) if object_index is None else [int(i) for i in object_index]
     if len(obj) != n_obj:

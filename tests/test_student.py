@@ -209,3 +209,55 @@ def test_denoiser_skip_starts_as_the_gaussian_mmse_denoiser():
     assert all(p.requires_grad for p in model.unet.parameters())
     with pytest.raises(ValueError, match="denoiser_skip"):
         StudentConfig(arch="tiny", pretrained="/models/sd", denoiser_skip=True)
+
+
+def _saved_bytes(fn) -> tuple[object, int]:
+    """fn()'s result and the bytes of the tensors autograd saved for backward outside any
+    checkpointed segment (what the forward keeps alive until the backward)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def test_chunked_decode_gives_the_same_triplanes_and_gradients(randomize_trainable):
+    """Two objects (12 planes) decoded whole, in checkpointed chunks of 5 (a remainder
+    chunk of 2), and in chunks of 1 with the UNet checkpointed: equal triplanes and
+    gradients (adapters, new conv_out, latents), and the chunked forward keeps less."""
+    x0 = torch.randn(2 * P, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for chunk, ckpt in ((0, False), (5, False), (1, True)):
+        model = randomize_trainable(
+            _student(decode_chunk=chunk, gradient_checkpointing=ckpt), 3
+        ).train()
+        assert model.decoder.gradient_checkpointing is False  # chunks replace its segments
+        calls = []
+        model.decoder.conv_in.register_forward_hook(lambda m, i, o, c=calls: c.append(len(i[0])))
+        x = x0.clone().requires_grad_(True)
+        (geo, tex), kept = _saved_bytes(lambda m=model, x=x: m.decode(x))
+        (geo.square().mean() + (tex * torch.linspace(0, 1, tex.shape[-1])).mean()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        runs.append((geo.detach(), tex.detach(), x.grad, grads, kept, calls))
+    ref = runs[0]
+    assert ref[5] == [2 * P]  # one pass, no recompute
+    # forward, then each chunk recomputed in backward (last chunk first)
+    assert runs[1][5] == [5, 5, 2, 2, 5, 5] and runs[2][5] == [1] * (4 * P)
+    for geo, tex, dx, grads, kept, _ in runs[1:]:
+        torch.testing.assert_close(geo, ref[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(tex, ref[1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(dx, ref[2], atol=1e-7, rtol=1e-5)
+        assert grads.keys() == ref[3].keys()
+        for n, g in grads.items():
+            torch.testing.assert_close(g, ref[3][n], atol=1e-7, rtol=1e-5, msg=n)
+        assert kept < ref[4] / 20  # only the triplanes' slices and the chunks' seams
+
+
+def test_decode_chunk_must_not_be_negative():
+    with pytest.raises(ValueError, match="decode_chunk must be >= 0.*-1"):
+        StudentConfig(arch="tiny", decode_chunk=-1)
