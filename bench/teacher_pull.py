@@ -1,0 +1,121 @@
+"""Which way does each teacher pull an object's opacity, given its colour?
+
+A render of the true scene is faded by a in [0, 1] (rgb = a * object + (1 - a) * background,
+mask x a; depth and normals as they are) and scored by every teacher of a config; the
+derivative dL/da, averaged over --draws timestep / noise draws, says what the teacher asks
+of the object's opacity: negative, more of it; positive, remove it (the derivative a
+render's density receives in the volume branch has this sign wherever the object is).
+With --color the object is painted that colour instead of the prompt's: the colour a
+student reaches before its colours follow the prompts. Two uses: a teacher that wants its
+own prompt's true object removed is miscalibrated (CFG, loss); one that removes an object
+of the wrong colour faster than the colour can follow makes a student's objects vanish.
+
+    python -m bench.teacher_pull --config configs/distill_tiny.yaml [--alphas 0.5 1.0]
+        [--color 0.61,0.54,0.42] [--prompts-file F] [--draws 12] [key=value ...]
+
+Prints one row per prompt and alpha: dL/da of every teacher, mean +- standard error. The
+teachers score the volume branch's inputs at step 0 of the config's schedules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from prd.config import load
+from prd.model import build_model
+from prd.teacher_setup import build_teachers
+from prd.train import student_base
+from renderers.cameras import sample_cameras
+from teachers.base import Views
+from teachers.scenes import parse_prompt, render_scenes, scene_color
+
+PROMPTS = (
+    "a green sphere",
+    "a yellow cube",
+    "a purple cylinder",
+    "a white cone",
+    "a blue torus",
+    "a red capsule",
+)
+"""Default: six training prompts, every shape and every colour once."""
+
+
+def fade_views(render, cams, alpha: torch.Tensor, background: torch.Tensor) -> Views:
+    """The true render with its object faded to ``alpha`` over ``background``."""
+    rgb = render.rgb * alpha + (1 - alpha) * background
+    return Views(rgb, render.mask * alpha, render.depth, render.normal, cams, len(cams))
+
+
+def pull(teacher, render, cams, prompt, background, alpha: float, draws: int, gen) -> list:
+    """dL/da of one teacher at one alpha, one value per draw."""
+    out = []
+    for _ in range(draws):
+        a = torch.tensor(alpha, requires_grad=True)
+        views = fade_views(render, cams, a, background)
+        loss = teacher.for_branch("volume")(views, [prompt], 0, gen).loss
+        (d,) = torch.autograd.grad(loss, a)
+        out.append(d.item())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", action="append", default=None)
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0])
+    p.add_argument("--color", default=None, help="r,g,b in [0, 1] instead of the prompt's")
+    p.add_argument("--prompts-file", default=None, help="default: PROMPTS")
+    p.add_argument("--draws", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = load(args.config or ["configs/distill_tiny.yaml"], args.overrides)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    else:
+        prompts = list(PROMPTS)
+    model = build_model(cfg, seed=cfg.train.seed)
+    background = torch.tensor(cfg.train.background)
+    cpu = torch.device("cpu")
+    teachers = build_teachers(
+        cfg.teachers,
+        cfg.train.background,
+        cfg.cameras.n_views,
+        device=cpu,
+        student=student_base(model, cfg, None, cpu),
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for prompt in prompts:
+        shape = parse_prompt(prompt)[1]
+        color = scene_color(prompt)
+        if args.color:
+            color = torch.tensor([float(x) for x in args.color.split(",")])
+        cams = sample_cameras(1, cfg.cameras, gen)
+        n = cfg.cameras.n_views
+        render = render_scenes(
+            [shape] * n, color[None].expand(n, 3), cams, 32, tuple(background.tolist()), 2
+        )
+        for alpha in args.alphas:
+            row = {"prompt": prompt, "alpha": alpha, "color": [round(c, 3) for c in color.tolist()]}
+            cells = []
+            for teacher in teachers:
+                draws = pull(teacher, render, cams, prompt, background, alpha, args.draws, gen)
+                d = torch.tensor(draws)
+                se = (d.std() / len(d) ** 0.5).item() if len(d) > 1 else 0.0
+                row[teacher.name] = [round(d.mean().item(), 3), round(se, 3)]
+                cells.append(f"{teacher.name} {d.mean().item():+9.3g} +- {se:.2g}")
+            rows.append(row)
+            print(f"{prompt:20s} a={alpha:.2f}  " + "  ".join(cells), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

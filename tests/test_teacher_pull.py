@@ -1,0 +1,49 @@
+"""bench.teacher_pull: the derivative of a teacher's loss w.r.t. an object's opacity.
+
+Known answer: an oracle teacher's x0 loss at CFG 1 is half the squared distance to the true
+render, so along the fade rgb = a * object + (1 - a) * background the loss is a parabola in
+a with its minimum at the true opacity a = 1: dL/da is linear in a and crosses zero there.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.teacher_pull import PROMPTS, pull
+from prd.config import load
+from prd.teacher_setup import build_teachers
+from renderers.cameras import sample_cameras
+from teachers.scenes import COLORS, SHAPES, TRAIN_PROMPTS, parse_prompt, render_scenes, scene_color
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_prompts_are_training_prompts_of_every_shape_and_colour():
+    assert set(PROMPTS) <= set(TRAIN_PROMPTS)
+    assert {parse_prompt(p)[0] for p in PROMPTS} == set(COLORS)
+    assert {parse_prompt(p)[1] for p in PROMPTS} == set(SHAPES)
+
+
+@pytest.mark.parametrize("prompt", ["a red capsule", "a blue torus"])
+def test_an_oracle_pulls_a_faded_object_back_to_its_true_opacity(prompt):
+    torch.set_num_threads(1)
+    cfg = load([REPO / "configs" / "oracle.yaml"], [])
+    background = torch.tensor(cfg.train.background)
+    n = cfg.cameras.n_views
+    gen = torch.Generator().manual_seed(0)
+    cams = sample_cameras(1, cfg.cameras, gen)
+    shape = parse_prompt(prompt)[1]
+    color = scene_color(prompt)[None].expand(n, 3)
+    render = render_scenes([shape] * n, color, cams, 32, tuple(background.tolist()), 2)
+    for teacher in build_teachers(cfg.teachers, cfg.train.background, n):
+        d = {a: pull(teacher, render, cams, prompt, background, a, 2, gen) for a in (0.5, 0.75)}
+        for a, draws in d.items():  # the oracle's target does not depend on the noise
+            assert draws[0] == pytest.approx(draws[1], rel=1e-4), teacher.name
+            assert draws[0] < 0, (teacher.name, a, draws)
+        slope = (d[0.75][0] - d[0.5][0]) / 0.25
+        zero = 0.5 - d[0.5][0] / slope
+        # the renders of the teacher and of this test differ by antialiasing only
+        assert zero == pytest.approx(1.0, abs=0.03), (teacher.name, zero)
+        (at_one,) = pull(teacher, render, cams, prompt, background, 1.0, 1, gen)
+        assert at_one == pytest.approx(d[0.5][0] + slope * 0.5, rel=1e-3, abs=1e-2)
