@@ -37,6 +37,7 @@ import torch.utils.checkpoint
 
 from renderers.cameras import Cameras, pixel_rays
 from renderers.field import Field, sdf_and_normal
+from renderers.mesh import scale_grad
 
 WHITE = (1.0, 1.0, 1.0)
 """Background of a render that passes none (training passes its ``train.background``)."""
@@ -76,6 +77,12 @@ class VolumeConfig:
     color_min_weight: float = 0.0
     """Evaluate colour only at samples whose weight exceeds this (others count as black,
     an error of at most their summed weight); 0 evaluates everywhere (exact)."""
+    rgb_geometry_grad: float = 1.0
+    """Scale of the gradient that the rendered colour passes to the geometry (the NeuS
+    weights and opacity it is composited with); the colours' own gradient, and the mask,
+    depth and normals, are untouched. 1: the reference's. Below 1 the RGB teachers move
+    the surface less than the normal-depth teacher does, as the reference's mesh branch
+    scales its SDF gradients by 0.001."""
 
     def __post_init__(self):
         if self.n_uniform < 2:
@@ -94,6 +101,8 @@ class VolumeConfig:
             raise ValueError(f"global_size must be >= 1, got {self.global_size}")
         if not 0.0 <= self.color_min_weight < 1.0:
             raise ValueError(f"color_min_weight must lie in [0, 1), got {self.color_min_weight}")
+        if not 0.0 <= self.rgb_geometry_grad <= 1.0:
+            raise ValueError(f"rgb_geometry_grad must lie in [0, 1], got {self.rgb_geometry_grad}")
         if self.chunk_rays < 1:
             raise ValueError(f"chunk_rays must be >= 1, got {self.chunk_rays}")
 
@@ -240,8 +249,12 @@ def _march(field, o, d, t_near, t_far, jitter, u_imp, background, cfg, create_gr
     rgb = _colors(field, pts, w, cfg.color_min_weight).reshape(b, r, -1, 3)
     grad_norm = grad.norm(dim=-1)
     unit = grad / grad_norm.clamp(min=1e-12)[..., None]
+    w_rgb, opacity_rgb = w, opacity
+    if cfg.rgb_geometry_grad != 1.0:
+        w_rgb = scale_grad(w, cfg.rgb_geometry_grad)
+        opacity_rgb = scale_grad(opacity, cfg.rgb_geometry_grad)
     return VolumeRender(
-        rgb=(w[..., None] * rgb).sum(dim=-2) + (1.0 - opacity)[..., None] * background,
+        rgb=(w_rgb[..., None] * rgb).sum(dim=-2) + (1.0 - opacity_rgb)[..., None] * background,
         opacity=opacity,
         depth=(w * mid).sum(dim=-1),
         normal=(w[..., None] * unit).sum(dim=-2),

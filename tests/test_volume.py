@@ -358,3 +358,32 @@ def test_checkpointed_chunks_give_the_same_values_and_gradients():
         if x is not None:
             assert x.abs().sum() > 0
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_rgb_geometry_grad_scales_only_what_colour_passes_to_the_surface(scale):
+    """rgb = sum(w c) + (1 - opacity) bg: with rgb_geometry_grad s the radius gets s times
+    the colour's gradient and the colour all of it; the values, and the opacity's
+    gradient, are those of s = 1."""
+    cams = orbit_cameras(30.0, 20.0, 1.8, dtype=F64)
+
+    def grads(s):
+        radius = torch.tensor([0.45], dtype=F64, requires_grad=True)
+        color = torch.tensor([0.8, 0.3, 0.2], dtype=F64, requires_grad=True)
+        cfg = VolumeConfig(resolution=12, n_uniform=32, n_importance=16, rgb_geometry_grad=s)
+        field = SphereField(radius, color=color)
+        out = render_views(field, cams, cfg, 1, background=torch.full((3,), 0.5, dtype=F64))
+        images = out.images
+        g_rgb = torch.autograd.grad(images.rgb.sum(), (radius, color), retain_graph=True)
+        (g_op,) = torch.autograd.grad(images.opacity.sum(), radius)
+        return images, g_rgb, g_op
+
+    full, (r_full, c_full), op_full = grads(1.0)
+    part, (r_part, c_part), op_part = grads(scale)
+    assert torch.equal(part.rgb, full.rgb) and torch.equal(part.opacity, full.opacity)
+    assert r_full.abs().item() > 1e-3  # the colour does move the sphere at s = 1
+    torch.testing.assert_close(r_part, scale * r_full, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(c_part, c_full, rtol=1e-12, atol=0)
+    torch.testing.assert_close(op_part, op_full, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="rgb_geometry_grad"):
+        VolumeConfig(rgb_geometry_grad=1.5)
