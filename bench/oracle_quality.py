@@ -26,7 +26,10 @@ from prd.weights import load_weights, read_config_yaml
 from teachers.scenes import HELDOUT_PROMPTS, TRAIN_PROMPTS
 
 
-def evaluate_run(run: Path, seed: int = 0, grid: int | None = None) -> list[dict]:
+def evaluate_run(
+    run: Path, seed: int = 0, grid: int | None = None, only: set[str] | None = None
+) -> list[dict]:
+    """Rows of every vocabulary prompt (``only``: of those prompts alone)."""
     weights = run / "export" / "latest.safetensors"
     overrides = [] if grid is None else [f"sample.grid={grid}"]
     cfg = load_config_text(Config, read_config_yaml(weights), overrides)
@@ -35,6 +38,8 @@ def evaluate_run(run: Path, seed: int = 0, grid: int | None = None) -> list[dict
     rows = []
     for split, prompts in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
         for prompt in prompts:
+            if only is not None and prompt not in only:
+                continue
             timer = Timer()
             try:
                 s = generate(model, prompt, cfg.sample, seed, timer)
@@ -77,6 +82,9 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="train configs/oracle.yaml first")
     p.add_argument("--grid", type=int, default=None, help="marching-cubes grid for sampling")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument(
+        "--prompts-file", type=Path, default=None, help="score only these vocabulary prompts"
+    )
     p.add_argument("overrides", nargs="*", help="training config overrides")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -86,7 +94,13 @@ def main() -> None:
 
         train(load(["configs/oracle.yaml"], args.overrides), args.run)
     t_train = time.perf_counter() - t0
-    rows = evaluate_run(args.run, grid=args.grid)
+    only = None
+    if args.prompts_file:
+        only = {x.strip() for x in args.prompts_file.read_text().splitlines() if x.strip()}
+        unknown = sorted(only - set(TRAIN_PROMPTS) - set(HELDOUT_PROMPTS))
+        if unknown:
+            raise SystemExit(f"{args.prompts_file}: not vocabulary prompts: {unknown}")
+    rows = evaluate_run(args.run, grid=args.grid, only=only)
     for r in rows:
         if r.get("empty"):
             print(f"{r['split']:8s} {r['prompt']:20s} EMPTY SURFACE")
