@@ -13,7 +13,9 @@ of the wrong colour faster than the colour can follow makes a student's objects 
     python -m bench.teacher_pull --config configs/distill_tiny.yaml [--alphas 0.5 1.0]
         [--color 0.61,0.54,0.42] [--prompts-file F] [--draws 12] [key=value ...]
 
-Prints one row per prompt and alpha: dL/da of every teacher, mean +- standard error. The
+Prints one row per prompt and alpha: dL/da of every teacher, mean +- standard error, and
+for the RGB teachers the mean colour of the object in their guided x0 target (what the
+teacher would paint; compare it with the prompt's colour across CFG scales). The
 teachers score the volume branch's inputs at step 0 of the config's schedules.
 """
 
@@ -51,13 +53,29 @@ def fade_views(render, cams, alpha: torch.Tensor, background: torch.Tensor) -> V
 
 def pull(teacher, render, cams, prompt, background, alpha: float, draws: int, gen) -> list:
     """dL/da of one teacher at one alpha, one value per draw."""
+    return [
+        d for d, _ in pull_and_target(teacher, render, cams, prompt, background, alpha, draws, gen)
+    ]
+
+
+def object_color(image: torch.Tensor, background: torch.Tensor) -> torch.Tensor | None:
+    """Mean colour (3,) of an RGB target's (n, h, w, 3) object pixels, those off the
+    background by more than 0.15 (summed over channels); None for other targets or none."""
+    if image.shape[-1] != 3:
+        return None
+    off = (image - background).abs().sum(-1) > 0.15
+    return image[off].mean(0) if off.any() else None
+
+
+def pull_and_target(teacher, render, cams, prompt, background, alpha, draws, gen) -> list:
+    """(dL/da, the object colour of the teacher's guided x0 target or None) per draw."""
     out = []
     for _ in range(draws):
         a = torch.tensor(alpha, requires_grad=True)
         views = fade_views(render, cams, a, background)
-        loss = teacher.for_branch("volume")(views, [prompt], 0, gen).loss
-        (d,) = torch.autograd.grad(loss, a)
-        out.append(d.item())
+        g = teacher.for_branch("volume")(views, [prompt], 0, gen)
+        (d,) = torch.autograd.grad(g.loss, a)
+        out.append((d.item(), object_color(g.to_image(g.x0), background)))
     return out
 
 
@@ -105,11 +123,18 @@ def main() -> None:
             row = {"prompt": prompt, "alpha": alpha, "color": [round(c, 3) for c in color.tolist()]}
             cells = []
             for teacher in teachers:
-                draws = pull(teacher, render, cams, prompt, background, alpha, args.draws, gen)
-                d = torch.tensor(draws)
+                draws = pull_and_target(
+                    teacher, render, cams, prompt, background, alpha, args.draws, gen
+                )
+                d = torch.tensor([x for x, _ in draws])
                 se = (d.std() / len(d) ** 0.5).item() if len(d) > 1 else 0.0
                 row[teacher.name] = [round(d.mean().item(), 3), round(se, 3)]
                 cells.append(f"{teacher.name} {d.mean().item():+9.3g} +- {se:.2g}")
+                colors = [c for _, c in draws if c is not None]
+                if colors:
+                    target = torch.stack(colors).mean(0).tolist()
+                    row[teacher.name + "_target_color"] = [round(c, 3) for c in target]
+                    cells[-1] += " (target " + ",".join(f"{c:.2f}" for c in target) + ")"
             rows.append(row)
             print(f"{prompt:20s} a={alpha:.2f}  " + "  ".join(cells), flush=True)
     if args.json:

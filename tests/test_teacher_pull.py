@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.teacher_pull import PROMPTS, pull
+from bench.teacher_pull import PROMPTS, pull, pull_and_target
 from prd.config import load
 from prd.teacher_setup import build_teachers
 from renderers.cameras import sample_cameras
@@ -47,3 +47,23 @@ def test_an_oracle_pulls_a_faded_object_back_to_its_true_opacity(prompt):
         assert zero == pytest.approx(1.0, abs=0.03), (teacher.name, zero)
         (at_one,) = pull(teacher, render, cams, prompt, background, 1.0, 1, gen)
         assert at_one == pytest.approx(d[0.5][0] + slope * 0.5, rel=1e-3, abs=1e-2)
+
+
+def test_an_oracle_paints_its_prompt_colour():
+    """An oracle's x0 target is the true render: its object pixels carry the scene's
+    unlit albedo (up to antialiased edge pixels); the normal-depth role reports none."""
+    torch.set_num_threads(1)
+    cfg = load([REPO / "configs" / "oracle.yaml"], [])
+    background = torch.tensor(cfg.train.background)
+    n = cfg.cameras.n_views
+    gen = torch.Generator().manual_seed(0)
+    cams = sample_cameras(1, cfg.cameras, gen)
+    prompt = "a green sphere"
+    color = scene_color(prompt)
+    render = render_scenes(["sphere"] * n, color[None].expand(n, 3), cams, 32, (0.5,) * 3, 2)
+    for teacher in build_teachers(cfg.teachers, cfg.train.background, n):
+        ((_, target),) = pull_and_target(teacher, render, cams, prompt, background, 0.5, 1, gen)
+        if teacher.name == "richdreamer":
+            assert target is None
+        else:
+            torch.testing.assert_close(target, color, atol=0.04, rtol=0)
