@@ -25,8 +25,8 @@ def test_default_prompts_are_training_prompts_of_every_shape_and_colour():
     assert {parse_prompt(p)[1] for p in PROMPTS} == set(SHAPES)
 
 
-@pytest.mark.parametrize("prompt", ["a red capsule", "a blue torus"])
-def test_an_oracle_pulls_a_faded_object_back_to_its_true_opacity(prompt):
+def oracle_scene(prompt):
+    """The oracle preset's teachers, one camera set and the true render of the prompt."""
     torch.set_num_threads(1)
     cfg = load([REPO / "configs" / "oracle.yaml"], [])
     background = torch.tensor(cfg.train.background)
@@ -36,7 +36,14 @@ def test_an_oracle_pulls_a_faded_object_back_to_its_true_opacity(prompt):
     shape = parse_prompt(prompt)[1]
     color = scene_color(prompt)[None].expand(n, 3)
     render = render_scenes([shape] * n, color, cams, 32, tuple(background.tolist()), 2)
-    for teacher in build_teachers(cfg.teachers, cfg.train.background, n):
+    teachers = build_teachers(cfg.teachers, cfg.train.background, n)
+    return teachers, render, cams, background, gen
+
+
+@pytest.mark.parametrize("prompt", ["a red capsule", "a blue torus"])
+def test_an_oracle_pulls_a_faded_object_back_to_its_true_opacity(prompt):
+    teachers, render, cams, background, gen = oracle_scene(prompt)
+    for teacher in teachers:
         d = {a: pull(teacher, render, cams, prompt, background, a, 2, gen) for a in (0.5, 0.75)}
         for a, draws in d.items():  # the oracle's target does not depend on the noise
             assert draws[0] == pytest.approx(draws[1], rel=1e-4), teacher.name
@@ -52,18 +59,11 @@ def test_an_oracle_pulls_a_faded_object_back_to_its_true_opacity(prompt):
 def test_an_oracle_paints_its_prompt_colour():
     """An oracle's x0 target is the true render: its object pixels carry the scene's
     unlit albedo (up to antialiased edge pixels); the normal-depth role reports none."""
-    torch.set_num_threads(1)
-    cfg = load([REPO / "configs" / "oracle.yaml"], [])
-    background = torch.tensor(cfg.train.background)
-    n = cfg.cameras.n_views
-    gen = torch.Generator().manual_seed(0)
-    cams = sample_cameras(1, cfg.cameras, gen)
     prompt = "a green sphere"
-    color = scene_color(prompt)
-    render = render_scenes(["sphere"] * n, color[None].expand(n, 3), cams, 32, (0.5,) * 3, 2)
-    for teacher in build_teachers(cfg.teachers, cfg.train.background, n):
+    teachers, render, cams, background, gen = oracle_scene(prompt)
+    for teacher in teachers:
         ((_, target),) = pull_and_target(teacher, render, cams, prompt, background, 0.5, 1, gen)
         if teacher.name == "richdreamer":
             assert target is None
         else:
-            torch.testing.assert_close(target, color, atol=0.04, rtol=0)
+            torch.testing.assert_close(target, scene_color(prompt), atol=0.04, rtol=0)
