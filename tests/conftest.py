@@ -72,3 +72,15 @@ def write_tiny_sd(folder, prediction_type: str = "epsilon", seed: int = 0):
 def tiny_sd_folder(tmp_path_factory):
     """A tiny random SD folder (epsilon prediction), written once; tests only read it."""
     return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "sd")
+
+
+def curate_shards(tmp: Path, prompts: list[str]) -> Path:
+    """``prompts`` written to a text file and curated into 4 shards (no near-dedup) under
+    ``tmp / "out"``, the folder a PromptStream reads; returns it."""
+    from prompts.config import CurateConfig
+    from prompts.curate import curate
+
+    (tmp / "p.txt").write_text("\n".join(prompts) + "\n")
+    cfg = CurateConfig(shards=4, near_dedup=False, tokenizer_cache=str(tmp / "tok"))
+    curate([tmp / "p.txt"], tmp / "out", cfg)
+    return tmp / "out"

@@ -5,9 +5,8 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import curate_shards
 
-from prompts.config import CurateConfig
-from prompts.curate import curate
 from prompts.embed_cache import EmbeddingCache
 from prompts.stream import PromptStream
 
@@ -21,11 +20,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stream")
-    (tmp / "p.txt").write_text("\n".join(PROMPTS) + "\n")
-    cfg = CurateConfig(shards=4, near_dedup=False, tokenizer_cache=str(tmp / "tok"))
-    curate([tmp / "p.txt"], tmp / "out", cfg)
-    return tmp / "out"
+    return curate_shards(tmp_path_factory.mktemp("stream"), PROMPTS)
 
 
 def run(source, ranks, batch, n_batches, resume_at=None, **kw):

@@ -5,9 +5,8 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import curate_shards
 
-from prompts.config import CurateConfig
-from prompts.curate import curate
 from prompts.stream import PromptStream
 
 pytestmark = pytest.mark.filterwarnings("ignore:4 shards.*not a multiple")
@@ -23,11 +22,7 @@ PROMPTS += ["a golden crown", "a stone bridge"]  # 56 prompts
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reshard")
-    (tmp / "p.txt").write_text("\n".join(PROMPTS) + "\n")
-    cfg = CurateConfig(shards=4, near_dedup=False, tokenizer_cache=str(tmp / "tok"))
-    curate([tmp / "p.txt"], tmp / "out", cfg)
-    return tmp / "out"
+    return curate_shards(tmp_path_factory.mktemp("reshard"), PROMPTS)
 
 
 def take(streams, n_batches, seen):
