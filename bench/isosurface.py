@@ -2,8 +2,9 @@
 
 Columns: full-grid evaluation (SDF + deformation, no gradients); differentiable extraction
 from that grid (library marching cubes + edge bookkeeping + re-evaluation of the surface
-corners with gradients); backward of a scalar of the vertices; and the two libraries'
-marching cubes alone on the same grid.
+corners with gradients); backward of a scalar of the vertices; the two libraries'
+marching cubes alone on the same grid; ``renderers.marching``'s torch marching cubes
+alone, and the sampler's whole extraction without gradients with each method.
 
     python bench/isosurface.py [--resolutions 64 96 128 160] [--threads 1] [--repeats 2]
 """
@@ -19,6 +20,7 @@ from skimage.measure import marching_cubes as skimage_marching_cubes
 from torch import nn
 
 from renderers.isosurface import evaluate_grid, extract_surface
+from renderers.marching import marching_cubes_torch
 
 
 class MLPField(nn.Module):
@@ -74,7 +76,7 @@ def main():
     print(f"torch threads {args.threads}, best of {args.repeats}; times in seconds")
     header = (
         f"{'res':>4} {'faces':>7} {'grid':>7} {'extract+grad':>12} {'backward':>8} "
-        f"{'skimage':>7} {'mcubes':>7}"
+        f"{'skimage':>7} {'mcubes':>7} {'torch':>7} {'sample/skimage':>14} {'sample/torch':>12}"
     )
     print(header)
     for res in args.resolutions:
@@ -89,9 +91,20 @@ def main():
         volume = grid[0][0].numpy()
         t_sk, _ = best_time(lambda v=volume: skimage_marching_cubes(v, 0.0), args.repeats)
         t_mc, _ = best_time(lambda v=volume: mcubes.marching_cubes(v, 0.0), args.repeats)
+        t_torch, _ = best_time(lambda g=grid: marching_cubes_torch(g[0][0]), args.repeats)
+        t_sample = {
+            m: best_time(
+                lambda r=res, g=grid, m=m: extract_surface(
+                    field, r, n_objects=1, grid=g, with_grad=False, method=m
+                ),
+                args.repeats,
+            )[0]
+            for m in ("skimage", "torch")
+        }
         print(
             f"{res:>4} {len(mesh.faces):>7} {t_grid:>7.3f} {t_ext:>12.3f} {t_bwd:>8.3f} "
-            f"{t_sk:>7.3f} {t_mc:>7.3f}"
+            f"{t_sk:>7.3f} {t_mc:>7.3f} {t_torch:>7.3f} {t_sample['skimage']:>14.3f} "
+            f"{t_sample['torch']:>12.3f}"
         )
 
 

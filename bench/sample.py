@@ -13,8 +13,12 @@ FLOPs: one more pass under ``torch.utils.flop_counter.FlopCounterMode`` per stag
 (matmuls, convolutions, attention; elementwise ops and ``grid_sample`` are not counted).
 GPU estimate per mesh: network stages and the grid's MLPs at --mfu of the chip's
 published dense bf16 tensor throughput, plus the grid's plane reads at its memory
-bandwidth; marching cubes and export run on the host CPU (scikit-image, trimesh), so
-their times measured here carry over as they are (a pessimistic figure on a loaded CPU).
+bandwidth. Marching cubes: with ``sample.isosurface: torch`` (the default) it runs on the
+GPU, a chain of small memory-bound kernels: its estimate is the bytes its ops read and
+write (counted per op here, views excluded) at the chip's bandwidth plus a launch
+latency per op; with "skimage" it runs on the host, and its time measured here carries
+over as it is. The export runs on the host (trimesh) and carries over likewise (a
+pessimistic figure on a loaded CPU).
 ``--estimate FILE`` reprints the estimates from a --json file without running anything.
 
     python -m bench.sample [--config configs/tiny.yaml configs/sd21.yaml]
@@ -28,10 +32,12 @@ import json
 import resource
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from prd.config import load
@@ -40,9 +46,12 @@ from prd.model import build_model
 from prd.sample import EmptySurface, Timer, generate_batch
 
 NETWORK_STAGES = ("text_encode", "unet_step", "vae_decode")
-# scikit-image's marching cubes and trimesh's export run on the host CPU whatever the
-# device (the grid is copied to the host for the former)
-CPU_STAGES = ("marching_cubes", "export")
+# trimesh's export, and scikit-image's marching cubes when chosen, run on the host CPU
+# whatever the device (the grid is copied to the host for the latter)
+HOST_STAGES = ("export",)
+# time from one CUDA kernel's launch to the next's on a busy stream: a few microseconds
+# (NVIDIA's CUDA best-practices guide); 10 us also covers the host syncs of nonzero/unique
+LAUNCH_SECONDS = 10e-6
 # published dense (no sparsity) bf16 tensor-core throughput and memory bandwidth:
 # A100 SXM 80 GB: 312 TFLOP/s, 2.04 TB/s (NVIDIA A100 datasheet); H100 SXM: 989 TFLOP/s,
 # 3.35 TB/s (NVIDIA H100 datasheet)
@@ -52,18 +61,41 @@ CHIPS = {"A100": (312e12, 2.04e12), "H100": (989e12, 3.35e12)}
 MFU_ASSUMED = 0.3
 
 
+class TrafficCounter(TorchDispatchMode):
+    """Counts the ops run and the bytes of their tensor inputs and outputs (views, which
+    move nothing, excluded): an upper bound on a kernel chain's memory traffic."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.ops += 1
+            for t in tree_flatten((args, kwargs, out))[0]:
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
 class FlopTimer(Timer):
-    """A Timer that also counts each stage's FLOPs (``flops[stage]``)."""
+    """A Timer that also counts each stage's FLOPs (``flops[stage]``) and, for marching
+    cubes, its ops and bytes (``traffic[stage]`` = (ops, bytes))."""
 
     def __init__(self):
         super().__init__()
         self.flops: dict[str, int] = {}
+        self.traffic: dict[str, tuple[int, int]] = {}
 
     @contextmanager
     def __call__(self, name: str):
-        with FlopCounterMode(display=False) as counter, super().__call__(name):
+        traffic = TrafficCounter() if name == "marching_cubes" else nullcontext()
+        with FlopCounterMode(display=False) as counter, traffic, super().__call__(name):
             yield
         self.flops[name] = self.flops.get(name, 0) + counter.get_total_flops()
+        if isinstance(traffic, TrafficCounter):
+            self.traffic[name] = (traffic.ops, traffic.bytes)
 
 
 def gpu_estimate(row: dict, chip: str, mfu: float) -> dict:
@@ -71,8 +103,14 @@ def gpu_estimate(row: dict, chip: str, mfu: float) -> dict:
     peak, bandwidth = CHIPS[chip]
     est = {}
     for stage, flops in row["flops_per_mesh"].items():
-        if stage.startswith(CPU_STAGES):
+        if stage.startswith(HOST_STAGES):
             est[stage] = row["seconds"][stage]
+        elif stage == "marching_cubes":
+            if row.get("isosurface") == "torch":
+                ops, moved = row["marching_cubes_traffic_per_mesh"]
+                est[stage] = moved / bandwidth + ops * LAUNCH_SECONDS
+            else:
+                est[stage] = row["seconds"][stage]
         else:
             est[stage] = flops / (peak * mfu)
     est["grid_eval"] = est.get("grid_eval", 0.0) + row["grid_bytes_per_mesh"] / bandwidth
@@ -132,6 +170,7 @@ def bench_config(path: str, grids: list[int], repeats: int, prompt: str, batch: 
                     "batch_size": batch,
                     "repeat": rep,
                     "faces": int(results[0].faces.shape[0]),
+                    "isosurface": sample_cfg.isosurface,
                     "seconds": {k: round(v, 4) for k, v in per_mesh.items()},
                     "total_seconds": round(total, 3),
                     "outside_network_share": round(1 - network / total, 4),
@@ -148,6 +187,8 @@ def bench_config(path: str, grids: list[int], repeats: int, prompt: str, batch: 
 def add_flops(row: dict, timer: FlopTimer, cfg, batch: int) -> None:
     """FLOPs per mesh of each stage, the bytes the grid evaluation reads, GPU estimates."""
     row["flops_per_mesh"] = {k: v // batch for k, v in timer.flops.items()}
+    ops, moved = timer.traffic["marching_cubes"]
+    row["marching_cubes_traffic_per_mesh"] = [ops / batch, moved / batch]
     # every grid point reads 4 bilinear taps of C fp32 channels on each of 3 planes
     points, c = row["grid"] ** 3, cfg.student.triplane_channels
     row["grid_bytes_per_mesh"] = points * 3 * 4 * c * 4
@@ -167,6 +208,10 @@ def print_row(row: dict) -> None:
     if "flops_per_mesh" in row:
         gflops = "  ".join(f"{k} {v / 1e9:.2f}" for k, v in row["flops_per_mesh"].items())
         print(f"    GFLOP per mesh: {gflops}")
+        ops, moved = row["marching_cubes_traffic_per_mesh"]
+        print(
+            f"    marching cubes ({row['isosurface']}): {ops:.0f} ops, {moved / 1e6:.1f} MB moved"
+        )
         for est in row["gpu_estimates"]:
             parts = "  ".join(f"{k} {1e3 * v:.1f}" for k, v in est["seconds"].items())
             print(

@@ -122,9 +122,17 @@ def mesh_branch(field, cameras: Cameras, cfg: MeshRenderConfig, grid: int, backg
     renders as background; ``empty_meshes`` counts them either way."""
     n_obj = len(field)
     with torch.no_grad():
-        values = evaluate_grid(field, grid, n_objects=n_obj, deformation=False)
+        values = evaluate_grid(
+            field, grid, n_objects=n_obj, deformation=False, device=cameras.c2w.device
+        )
     meshes = extract_surface(
-        field, grid, n_objects=n_obj, grid=values, with_grad=True, repair_empty=cfg.repair_empty
+        field,
+        grid,
+        n_objects=n_obj,
+        grid=values,
+        with_grad=True,
+        repair_empty=cfg.repair_empty,
+        method=cfg.isosurface,
     )
     verts = [scale_grad(m.verts, cfg.grad_scale) for m in meshes]
     faces = [m.faces for m in meshes]

@@ -17,6 +17,7 @@ from prd.student import StudentConfig
 from prd.teacher_setup import TeachersConfig
 from prd.triplane import FieldConfig
 from renderers.cameras import CameraSampling
+from renderers.marching import ISOSURFACE_METHODS
 from renderers.mesh import MeshRenderConfig
 from renderers.volume import VolumeConfig
 
@@ -188,6 +189,9 @@ class SampleConfig:
     """DDIM steps (the training K)."""
     grid: int = 160
     """Marching-cubes grid points per axis (reference: 160 at sampling)."""
+    isosurface: str = "torch"
+    """Marching cubes: "torch" (``renderers.marching``, on the sampler's device: no copy
+    of the grid to the host) or "skimage" (the library, on the host)."""
     renoise: str = "ddim"
     """Between steps: "ddim" (deterministic, reference) or "fresh" (new noise, as training)."""
     format: str = "glb"
@@ -196,6 +200,10 @@ class SampleConfig:
     def __post_init__(self):
         if self.steps < 1 or self.grid < 8:
             raise ValueError(f"sample.steps must be >= 1 and sample.grid >= 8, got {self}")
+        if self.isosurface not in ISOSURFACE_METHODS:
+            raise ValueError(
+                f"sample.isosurface must be one of {ISOSURFACE_METHODS}, got {self.isosurface!r}"
+            )
         if self.renoise not in ("ddim", "fresh"):
             raise ValueError(f"sample.renoise must be ddim or fresh, got {self.renoise!r}")
         if self.format not in ("glb", "obj", "ply"):

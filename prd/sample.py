@@ -93,7 +93,9 @@ def generate_batch(
     with timer("grid_eval"):
         grid = evaluate_grid(fld, cfg.grid, n_objects=b, device=device)
     with timer("marching_cubes"):
-        meshes = extract_surface(fld, cfg.grid, n_objects=b, grid=grid, with_grad=False)
+        meshes = extract_surface(
+            fld, cfg.grid, n_objects=b, grid=grid, with_grad=False, method=cfg.isosurface
+        )
     out: list[Sample | EmptySurface] = []
     with timer("vertex_colors"):
         for o, (prompt, mesh) in enumerate(zip(prompts, meshes, strict=True)):

@@ -1,7 +1,8 @@
 """Differentiable marching cubes on a deformable grid (docs/rendering.md, "Marching cubes").
 
-The surface's topology comes from a library marching cubes (scikit-image: 2.5x faster
-than PyMCubes here, ``bench/isosurface.py``) run on a detached SDF grid. Each output vertex
+The surface's topology comes from a marching cubes run on a detached SDF grid: the
+library's (scikit-image: 2.5x faster than PyMCubes here, ``bench/isosurface.py``) on the
+host, or ``renderers.marching``'s in torch on the grid's device. Each output vertex
 lies on one grid edge; it is then recomputed in torch from that edge's two corners,
 
     v = a + t (b - a),    t = s_a / (s_a - s_b),
@@ -35,6 +36,7 @@ import torch
 from skimage.measure import marching_cubes as _skimage_marching_cubes
 
 from renderers.field import Field
+from renderers.marching import ISOSURFACE_METHODS, marching_cubes_torch
 
 _ON_GRID_POINT = 1e-4
 """A library vertex within this many voxels of a grid point is taken to be on it (its
@@ -256,6 +258,7 @@ def extract_surface(
     chunk: int = 1 << 16,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    method: str = "skimage",
 ) -> list[SurfaceMesh]:
     """Zero level sets of the field's B = n_objects objects, one SurfaceMesh each.
 
@@ -266,7 +269,12 @@ def extract_surface(
     (the deformation too, when the grid has it) with no graph. An object without a sign
     change gives an empty mesh (``.empty``), never an error, or with ``repair_empty`` the
     repaired surface of the module docstring (``.repaired``). Non-finite SDF values raise.
+    method: the surface's topology from "skimage" (the library, on the host) or "torch"
+    (``renderers.marching``, on the grid's device; ambiguous faces may be split otherwise,
+    and a surface through a grid point keeps that point's zero-area faces).
     """
+    if method not in ISOSURFACE_METHODS:
+        raise ValueError(f"isosurface method must be one of {ISOSURFACE_METHODS}, got {method!r}")
     objects = list(range(n_objects)) if objects is None else list(objects)
     for o in objects:
         if not 0 <= o < n_objects:
@@ -293,20 +301,26 @@ def extract_surface(
     repairs: dict[int, tuple[int, int, np.ndarray]] = {}
     masks = _repair_mask(resolution) if repair_empty else None
     for o in objects:
-        sdf_np = sdf_grid[o].detach().cpu().numpy()
-        if not np.isfinite(sdf_np).all():
+        sdf_o = sdf_grid[o].detach()
+        if not torch.isfinite(sdf_o).all():
             raise ValueError(
-                f"object {o}: the SDF grid has {(~np.isfinite(sdf_np)).sum()} non-finite values"
+                f"object {o}: the SDF grid has {(~torch.isfinite(sdf_o)).sum()} non-finite values"
             )
-        if masks is not None and not (sdf_np.min() < 0.0 < sdf_np.max()):
-            flat = sdf_np.reshape(-1).astype(np.float64)
+        if masks is not None and not (sdf_o.min() < 0.0 < sdf_o.max()):
+            flat = sdf_o.reshape(-1).cpu().numpy().astype(np.float64)
             new = _repaired(flat, *masks)
             repairs[o] = (int(flat.argmax()), int(flat.argmin()), new == flat)
-            sdf_np = new.reshape(sdf_np.shape)
-        verts_idx, faces_np = marching_cubes(sdf_np)
-        e, f = surface_edges(verts_idx, faces_np, sdf_np)
-        edges.append(torch.from_numpy(e).to(device))
-        faces.append(torch.from_numpy(f).to(device))
+            sdf_o = torch.from_numpy(new.reshape(sdf_o.shape)).to(device)
+        if method == "torch":
+            e, f = marching_cubes_torch(sdf_o)
+        else:
+            sdf_np = sdf_o.cpu().numpy()
+            e, f = (
+                torch.from_numpy(x).to(device)
+                for x in surface_edges(*marching_cubes(sdf_np), sdf_np)
+            )
+        edges.append(e)
+        faces.append(f)
 
     # The distinct corners of each object's edges, padded into one (B, N, 3) field query.
     # A repaired object also queries its arg-max and arg-min points (last two columns).

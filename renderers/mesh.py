@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from renderers.cameras import Cameras, pixel_rays, world_to_clip
 from renderers.field import Field
+from renderers.marching import ISOSURFACE_METHODS
 
 
 @dataclass
@@ -30,6 +31,10 @@ class MeshRenderConfig:
     backend: str = "torch"
     """Raster backend: "torch" (default: pure torch, CPU and CUDA), "nvdiffrast" (CUDA, the
     optional ``[cuda]`` extra) or "auto" (nvdiffrast on CUDA when installed, else torch)."""
+    isosurface: str = "skimage"
+    """Marching cubes of the training mesh: "skimage" (the library, on the host: a GPU
+    run copies each object's grid there) or "torch" (``renderers.marching``, on the
+    grid's device)."""
     view_chunk: int = 0
     """Views per object rasterized and shaded per checkpointed segment (``render_mesh``):
     the backward holds one segment's raster graph instead of all views' (same renders and
@@ -43,6 +48,10 @@ class MeshRenderConfig:
             raise ValueError(f"mesh.view_chunk must be >= 0 (0: no chunks), got {self.view_chunk}")
         if not self.grad_scale >= 0.0:
             raise ValueError(f"grad_scale must be >= 0, got {self.grad_scale}")
+        if self.isosurface not in ISOSURFACE_METHODS:
+            raise ValueError(
+                f"mesh.isosurface must be one of {ISOSURFACE_METHODS}, got {self.isosurface!r}"
+            )
         if self.backend not in ("auto", "torch", "nvdiffrast"):
             raise ValueError(
                 f"backend must be 'auto', 'torch' or 'nvdiffrast', got {self.backend!r}"
