@@ -11,6 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from test_multiview_unet import fill
 from test_real_teachers import TINY_MV, TINY_ND
+from test_real_teachers import teacher_files as _teacher_files  # noqa: F401 (fixture)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bench.sd_teacher import teacher_in_code
@@ -18,7 +19,7 @@ from prd.arch import TINY_TEXT, TINY_UNET
 from prd.branches import BranchOut, score_branches
 from prd.offload import HostCopy, _tensors, attach, offloaded_bytes, plan
 from prd.pretrained_teachers import StudentBase
-from prd.teacher_setup import TeachersConfig, TeacherSpec, role_teachers
+from prd.teacher_setup import TeachersConfig, TeacherSpec, build_teachers, role_teachers
 from prompts.tokenizer import build_clip_tokenizer
 from renderers.cameras import CameraSampling, sample_cameras
 from teachers import multiview_unet as mv
@@ -223,6 +224,30 @@ def test_plan_and_bytes_follow_what_stays():
         "kept_off": sd_own + unet(own[1]) + nd_all,
         "moved_per_step": sd_own + unet(own[1]) + vae + nd_all,  # the VAE moves twice
     }
+
+
+def test_build_teachers_offloads_what_each_loaded_role_owns(tiny_sd_folder, request):
+    mv_file, nd_file, clip_l = request.getfixturevalue("_teacher_files")
+    pretrained = lambda path, **kw: TeacherSpec(pretrained=str(path), resolution=16, **kw)  # noqa: E731
+    cfg = TeachersConfig(
+        sd=pretrained(tiny_sd_folder),
+        mvdream=pretrained(mv_file, ldm_kwargs=dict(TINY_MV)),
+        richdreamer=pretrained(nd_file, ldm_kwargs=dict(TINY_ND), text_encoder=str(clip_l)),
+        offload=True,
+    )
+    _, student = tiny_roles(shared_base=True)
+    unet, text = student
+    text_fn = lambda prompts: encode_prompts(build_clip_tokenizer(), text, prompts)  # noqa: E731
+    base = StudentBase(str(tiny_sd_folder), unet, text, contextlib.nullcontext, text_fn)
+    sd, mvd, nd = build_teachers(cfg, (1.0, 1.0, 1.0), 4, device="cpu", student=base)
+    ids = lambda *modules: {id(t) for t in _tensors(modules)}  # noqa: E731
+    moved = lambda role: {id(t) for t, _ in role.host.slots}  # noqa: E731
+    assert sd.keep_resident and sd.host is None  # the student's UNet: never moved
+    assert moved(mvd) == ids(mvd.denoiser.unet)  # not the SD teacher's VAE it shares
+    assert mvd.branches["mesh"].encode.__self__.vae is sd.denoiser.vae
+    assert moved(nd) == ids(nd.denoiser.unet, nd.denoiser.text_encoder)
+    assert not (moved(mvd) | moved(nd)) & ids(student, sd.denoiser)
+    assert not mvd.host.resident and not nd.host.resident
 
 
 def test_offload_needs_early_gradients_and_a_pretrained_teacher():
