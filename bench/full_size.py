@@ -31,6 +31,7 @@ from prd import precision
 from prd.branches import render_branches, score_branches
 from prd.config import Config, load
 from prd.model import PRDModel, build_model
+from prd.offload import attach
 from prd.pretrained_teachers import StudentBase
 from prd.progressive import progressive_timesteps
 from prd.teacher_setup import RoleTeachers, build_teachers, role_teachers
@@ -74,7 +75,9 @@ def build_teachers_in_code(
     cfg: Config, model: PRDModel, frozen_dtype: torch.dtype, on_phase: Callable = print
 ) -> list[RoleTeachers]:
     """The enabled roles of ``cfg.teachers`` with random weights at the released shapes
-    (module docstring); ``on_phase(name)`` after each is built."""
+    (module docstring); ``on_phase(name)`` after each is built. Under
+    ``teachers.offload`` their own weights go to host copies (``prd.offload``; on the
+    CPU this moves nothing)."""
     student = model.student
     base = StudentBase(
         None, student.unet, student.text_encoder, student.base_unet, student.encode_text
@@ -96,6 +99,8 @@ def build_teachers_in_code(
                     sd_den.schedule,
                     n_views,
                     *(sd_den.encode_images, sd_den.decode_latents),
+                    weights=(sd_den,),
+                    keep_resident=True,  # the student's UNet and text encoder
                 )  # fmt: skip
             )
             on_phase("build_sd_teacher")
@@ -111,6 +116,7 @@ def build_teachers_in_code(
                     NoiseSchedule(),
                     n_views,
                     *(codec.encode_images, codec.decode_latents),
+                    weights=(den, codec),
                 )  # fmt: skip
             )
             on_phase("build_mvdream_teacher")
@@ -119,8 +125,12 @@ def build_teachers_in_code(
             den = _multiview(richdreamer, text_encoder=text.requires_grad_(False).eval(),
                              dtype=frozen_dtype)  # fmt: skip
             spec = cfg.teachers.richdreamer
-            out.append(role_teachers("richdreamer", spec, den, NoiseSchedule(), n_views))
+            out.append(
+                role_teachers("richdreamer", spec, den, NoiseSchedule(), n_views, weights=(den,))
+            )
             on_phase("build_richdreamer_teacher")
+    if cfg.teachers.offload:
+        attach(out, "cpu")
     return out
 
 
@@ -234,6 +244,7 @@ def one_step(
         gen,
         early_grads=early_teacher_grads,
         on_score=lambda teacher, branch: on_phase(f"teacher_{teacher}_{branch}"),
+        offload=cfg.teachers.offload,
     )
     loss = scores.loss + regularization(branches["volume"].regularizers, cfg.train, step)
     loss.backward()

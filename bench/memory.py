@@ -24,6 +24,13 @@ takes each teacher's gradient at once). ``--teachers none`` replaces the teacher
 student: the student side's share, measurable in a process of its own; one role alone
 (``--teachers sd``) adds that teacher. Run one configuration per process (peak RSS is the
 process's).
+
+Every run also reports the CPU offload lever (``teachers.offload``, ``prd.offload``) from
+the built teachers: the bytes it keeps off the device (the offloaded teachers' parameters
+and buffers at their stored dtype, each once) and the bytes it copies in per progressive
+step, with that copy's time at PCIe 4.0 x16's ~25 GB/s. On the CPU it moves nothing, so
+its memory is not measured here. ``--offload-estimate fp16`` prints the same figures for
+the released shapes at a dtype without building anything (meta device, seconds).
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.full_size import PhaseLog, build, full_config, model_report, one_step
-from prd.teacher_setup import ROLES
+from bench.full_size import CLIP_L_TEXT, PhaseLog, build, full_config, model_report, one_step
+from prd.offload import PCIE4_X16_BYTES_PER_S, offloaded_bytes
+from prd.pretrained_teachers import DTYPES
+from prd.teacher_setup import ROLES, RoleTeachers
 
 GIB = 2**30
 
@@ -53,6 +62,49 @@ class StandIn:
         return loss
 
 
+def offload_report(teachers: list) -> dict:
+    """The offload lever's figures for ``teachers`` (module docstring)."""
+    roles = [t for t in teachers if isinstance(t, RoleTeachers)]
+    moved = offloaded_bytes(roles)
+    return {
+        "kept_off_bytes": moved["kept_off"],
+        "kept_off_gib": round(moved["kept_off"] / GIB, 3),
+        "moved_per_step_bytes": moved["moved_per_step"],
+        "transfer_s_per_step_pcie4_x16": round(moved["moved_per_step"] / PCIE4_X16_BYTES_PER_S, 4),
+    }
+
+
+def released_roles(dtype: torch.dtype) -> list[RoleTeachers]:
+    """The paper's pretrained roles at the released shapes on the meta device (no memory):
+    the SD teacher on the student's base (its VAE, kept resident), MVDream (UNet + that
+    VAE; the student's text encoder), ND-MV (UNet + CLIP ViT-L/14 text encoder)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from prd.arch import ARCH_CONFIGS
+    from teachers import multiview_unet as mv
+    from teachers import mvdream, richdreamer
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**ARCH_CONFIGS["sd21"][1]).to(dtype)
+        mv_unet = mv.MultiViewUNet.build(mv.unet_config(mvdream.RELEASED)).to(dtype)
+        nd_unet = mv.MultiViewUNet.build(mv.unet_config(richdreamer.RELEASED)).to(dtype)
+        nd_text = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)).to(dtype)
+    return [
+        RoleTeachers("sd", {}, vae, (vae,), keep_resident=True),
+        RoleTeachers("mvdream", {}, mv_unet, (mv_unet, vae)),
+        RoleTeachers("richdreamer", {}, nd_unet, (nd_unet, nd_text)),
+    ]
+
+
+def print_offload(report: dict) -> None:
+    print(f"  teachers.offload: keeps {report['kept_off_gib']:.3f} GiB "
+          f"({report['kept_off_bytes'] / 1e9:.3f} GB) off the device; copies "
+          f"{report['moved_per_step_bytes'] / 1e9:.3f} GB in per progressive step, "
+          f"{report['transfer_s_per_step_pcie4_x16']:.3f} s at 25 GB/s (PCIe 4.0 x16)",
+          flush=True)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", default=[])
@@ -64,9 +116,19 @@ def main() -> None:
         action="store_true",
         help="keep every teacher's graph until the backward (training frees each at once)",
     )
+    p.add_argument(
+        "--offload-estimate",
+        choices=list(DTYPES),
+        help="only print the offload lever's figures for the released shapes at this dtype",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.offload_estimate:
+        report = offload_report(released_roles(DTYPES[args.offload_estimate]))
+        print_offload(report)
+        print(json.dumps(report))
+        return
     chosen = {"all": set(ROLES), "none": set()}.get(args.teachers)
     if chosen is None:
         chosen = set(args.teachers.split(","))
@@ -85,6 +147,8 @@ def main() -> None:
         cfg.teachers.sd.enabled = False
     model, teachers, opt, _ = build(cfg, log)
     models = model_report(model, teachers)
+    offload = offload_report(teachers)
+    print_offload(offload)
     if not chosen:
         teachers = [StandIn()]
     for name, m in models.items():
@@ -98,6 +162,7 @@ def main() -> None:
         "teachers": sorted(chosen) or "stand-in",
         "precision": cfg.train.precision,
         "models": models,
+        "offload": dict(offload, enabled=cfg.teachers.offload),
         "weights_gib": round(sum(m["bytes"] for m in models.values()) / GIB, 3),
         "phases": log.rows,
         "peak_rss_gib": max(r["peak_rss_gib"] for r in log.rows),

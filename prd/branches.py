@@ -217,6 +217,7 @@ def score_branches(
     early_grads: bool = True,
     keep_outputs: bool = False,
     on_score: Callable[[str, str], None] | None = None,
+    offload: bool = False,
 ) -> Scores:
     """Every teacher on every branch (branch by branch, teachers in order: the order they
     draw from ``generator``); ``on_score(teacher, branch)`` after each call.
@@ -226,32 +227,57 @@ def score_branches(
     graph (e.g. its checkpointed VAE encoder's); ``loss`` carries it on as
     sum(render x gradient), whose gradients are the teachers' (to float rounding). Only
     one teacher graph is then alive at a time instead of all of them until the backward.
-    False: ``loss`` is the sum of the losses themselves."""
+    False: ``loss`` is the sum of the losses themselves.
+
+    offload (``teachers.offload``): teacher by teacher instead, each on every branch in
+    order, so a role with host-held weights (``RoleTeachers.host``) is copied to the
+    device once, before its first call, and dropped from it after its last gradient. The
+    random numbers then come in that order: the same draws as scoring each teacher alone
+    in turn, not the branch-by-branch run's. A kept output's target is decoded while its
+    teacher is on the device. Needs early_grads (ValueError): a graph kept to the
+    backward would hold the device copies of the weights."""
+    if offload and not early_grads:
+        raise ValueError(
+            "teachers.offload needs each teacher's gradient taken right after its call "
+            "(early_grads=True): a teacher graph kept until the backward holds its weights "
+            "on the device"
+        )
     device = next(iter(branches.values())).views.rgb.device
     loss = torch.zeros((), device=device)
     value = torch.zeros((), device=device)
     losses, outputs = {}, {}
-    for branch, out in branches.items():
-        views = out.views
+    if offload:
+        calls = [(t, b) for t in teachers for b in branches]
+    else:
+        calls = [(t, b) for b in branches for t in teachers]
+    for i, (teacher, branch) in enumerate(calls):
+        host = teacher.host if offload else None
+        if host is not None and not host.resident:
+            host.to_device()
+        views = branches[branch].views
         names = [n for n in ("rgb", "mask", "depth", "normal") if getattr(views, n).requires_grad]
-        for teacher in teachers:
-            score = teacher.for_branch(branch)
-            if early_grads:
-                cut = {n: getattr(views, n).detach().requires_grad_(True) for n in names}
-                g = score(dataclasses.replace(views, **cut), prompts, step, generator)
-                if g.loss.requires_grad:
-                    grads = torch.autograd.grad(g.loss, list(cut.values()), allow_unused=True)
-                    for n, d in zip(names, grads, strict=True):
-                        if d is not None:
-                            loss = loss + (getattr(views, n) * d).sum()
-            else:
-                g = score(views, prompts, step, generator)
-                loss = loss + g.loss
-            key = (teacher.name, branch)
-            losses[key] = g.loss.detach()
-            value = value + losses[key]
-            if keep_outputs:
-                outputs[key] = g
-            if on_score:
-                on_score(*key)
+        score = teacher.for_branch(branch)
+        if early_grads:
+            cut = {n: getattr(views, n).detach().requires_grad_(True) for n in names}
+            g = score(dataclasses.replace(views, **cut), prompts, step, generator)
+            if g.loss.requires_grad:
+                grads = torch.autograd.grad(g.loss, list(cut.values()), allow_unused=True)
+                for n, d in zip(names, grads, strict=True):
+                    if d is not None:
+                        loss = loss + (getattr(views, n) * d).sum()
+        else:
+            g = score(views, prompts, step, generator)
+            loss = loss + g.loss
+        key = (teacher.name, branch)
+        losses[key] = g.loss.detach()
+        value = value + losses[key]
+        if keep_outputs:
+            if host is not None:  # decode now: the VAE leaves the device below
+                target = g.target
+                g = dataclasses.replace(g, to_image=lambda _x0, target=target: target)
+            outputs[key] = g
+        if on_score:
+            on_score(*key)
+        if host is not None and (i + 1 == len(calls) or calls[i + 1][0] is not teacher):
+            host.to_host()  # its last gradient is taken: the device copy goes
     return Scores(loss, value, losses, outputs)

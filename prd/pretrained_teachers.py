@@ -50,6 +50,10 @@ class Loaded:
     encode: Callable | None = None
     """Renders (n, 3, H, W) in [-1, 1] -> latents, with gradients (None: pixel space)."""
     decode: Callable | None = None
+    weights: tuple[torch.nn.Module, ...] = ()
+    """The frozen modules of its own it runs (denoiser, VAE codec): what offload may move."""
+    keep_resident: bool = False
+    """It runs the student's own UNet (the SD teacher on the student's folder): never moved."""
 
 
 def _same_folder(a: str | Path | None, b: str | Path | None) -> bool:
@@ -200,7 +204,10 @@ def load(
     if role == "sd":
         den = sd_denoiser(spec, device, student, default)
         vaes[Path(spec.pretrained).resolve()] = den.vae
-        return Loaded(den, den.schedule, den.encode_images, den.decode_latents)
+        return Loaded(
+            den, den.schedule, den.encode_images, den.decode_latents,
+            weights=(den,), keep_resident=den.borrowed is not None,
+        )  # fmt: skip
     if role == "mvdream":
         text_fn = None
         if spec.text_encoder is None:
@@ -216,7 +223,9 @@ def load(
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
             vaes[folder] = vae.to(device)
         codec = sd.LatentCodec(vaes[folder], spec.gradient_checkpointing, "MVDream")
-        return Loaded(den, NoiseSchedule(), codec.encode_images, codec.decode_latents)
+        return Loaded(
+            den, NoiseSchedule(), codec.encode_images, codec.decode_latents, weights=(den, codec)
+        )
     den = richdreamer.load_denoiser(spec.pretrained, spec.text_encoder, dtype, device, _ldm(spec))
     _check_context(den, role)
-    return Loaded(den, NoiseSchedule())
+    return Loaded(den, NoiseSchedule(), weights=(den,))

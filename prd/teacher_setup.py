@@ -11,7 +11,8 @@ checkpoints or ``prd convert`` folders).
 
 One frozen model per role serves both branches: the two branches' teachers differ only
 in their role (the view SD scores) and share the denoiser. ``check_teachers`` reads no
-weights, so a run checks every path before it loads anything.
+weights, so a run checks every path before it loads anything. ``teachers.offload`` keeps
+idle pretrained teachers in host memory (``prd.offload``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from prd.offload import HostCopy, attach
 from prd.pretrained_teachers import DTYPES, StudentBase, check_pretrained, load
 
 __all__ = ["StudentBase", "TeacherSpec", "TeachersConfig", "build_teachers", "check_teachers"]
@@ -127,6 +129,22 @@ class TeachersConfig:
         default_factory=lambda: TeacherSpec(resolution=32, guidance=richdreamer_guidance())
     )
     """RichDreamer ND-MV: 4 views of normal + depth, 32 px, CFG 20."""
+    offload: bool = False
+    """Keep each pretrained teacher's own weights (its UNet, its own text encoder, its VAE
+    unless shared with a teacher that stays) in host memory while idle, copied to the
+    run's device for its own calls only (``prd.offload``); the calls then run teacher by
+    teacher. The SD teacher on the student's base folder runs the student's frozen UNet
+    and stays on the device, with its VAE. Needs the teachers' early gradients (training
+    takes them); worth it on a GPU short of memory, a no-op on the CPU."""
+
+    def __post_init__(self):
+        if self.offload and not any(
+            getattr(self, r).enabled and getattr(self, r).source == "pretrained" for r in ROLES
+        ):
+            raise ValueError(
+                "teachers.offload moves pretrained teachers' weights; no enabled teacher has "
+                "source pretrained (set teachers.offload=false)"
+            )
 
 
 @dataclass
@@ -136,6 +154,15 @@ class RoleTeachers:
     name: str
     branches: dict[str, torch.nn.Module]
     denoiser: torch.nn.Module
+    weights: tuple[torch.nn.Module, ...] = ()
+    """The frozen modules of its own that a pretrained role runs (its denoiser, a latent
+    teacher's VAE codec): what ``teachers.offload`` may move. Empty for an oracle."""
+    keep_resident: bool = False
+    """Stays on the device under ``teachers.offload``: the SD teacher on the student's base
+    folder, whose UNet and text encoder are the student's; what it shares (its VAE with
+    MVDream) stays too."""
+    host: HostCopy | None = None
+    """The offloaded tensors' host copies (``prd.offload.attach``); None: not offloaded."""
 
     def for_branch(self, branch: str) -> torch.nn.Module:
         return self.branches[branch]
@@ -181,7 +208,8 @@ def build_teachers(
     student: StudentBase | None = None,
     frozen_dtype: torch.dtype = torch.float32,
 ) -> list[RoleTeachers]:
-    """The enabled teachers, frozen, on ``device``: per role one denoiser and one
+    """The enabled teachers, frozen, on ``device`` (under ``cfg.offload`` the pretrained
+    ones idle in host memory, ``prd.offload``): per role one denoiser and one
     DistillationTeacher per render branch. ``background``: the RGB the renders are
     composited over (the oracle's ground truth uses it); ``student``: what a pretrained
     teacher on the student's base folder borrows; ``frozen_dtype``: the dtype of a
@@ -200,11 +228,12 @@ def build_teachers(
             teachers.append(role_teachers(role, spec, denoiser, schedule, views_per_object))
         else:
             m = load(role, cfg, device, student, vaes, frozen_dtype)
+            parts = (m.denoiser, m.schedule, views_per_object, m.encode, m.decode)
             teachers.append(
-                role_teachers(
-                    role, spec, m.denoiser, m.schedule, views_per_object, m.encode, m.decode
-                )
+                role_teachers(role, spec, *parts, weights=m.weights, keep_resident=m.keep_resident)
             )
+            if cfg.offload:  # before the next role loads: one teacher at a time on the device
+                attach(teachers, device if device is not None else "cpu")
     return teachers
 
 
@@ -216,9 +245,12 @@ def role_teachers(
     views_per_object: int,
     encode=None,
     decode=None,
+    weights: tuple[torch.nn.Module, ...] = (),
+    keep_resident: bool = False,
 ) -> RoleTeachers:
     """One role's DistillationTeacher per render branch around one shared ``denoiser``
-    (encode / decode: a latent teacher's image <-> latent maps)."""
+    (encode / decode: a latent teacher's image <-> latent maps; weights, keep_resident:
+    what ``teachers.offload`` may move, ``RoleTeachers``)."""
     branches = {
         b: DistillationTeacher(
             name=f"{spec.source}_{role}_{b}",
@@ -233,4 +265,4 @@ def role_teachers(
         )
         for b in BRANCHES
     }
-    return RoleTeachers(role, branches, denoiser)
+    return RoleTeachers(role, branches, denoiser, tuple(weights), keep_resident)

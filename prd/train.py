@@ -331,9 +331,12 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
                 # 2d. the two renders
                 branches = render_branches(field, cams, cfg, gen, backdrop, step)
                 # 2e. teachers on every branch (each teacher's gradient w.r.t. the renders
-                # taken at once, freeing its graph), regularizers on the volume branch
+                # taken at once, freeing its graph; under teachers.offload teacher by
+                # teacher, each on the device only for its calls), regularizers on the
+                # volume branch
                 scores = score_branches(branches, teachers, prompts, step, gen,
-                                        keep_outputs=log_images)  # fmt: skip
+                                        keep_outputs=log_images,
+                                        offload=cfg.teachers.offload)  # fmt: skip
                 for (name, branch), value in scores.losses.items():
                     losses[f"{name}/{branch}/k{k + 1}"] = value.item()
                 for (name, branch), g in scores.outputs.items():
