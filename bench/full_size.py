@@ -149,6 +149,8 @@ def model_report(model: PRDModel, teachers: list[RoleTeachers]) -> dict[str, dic
         nets["learned background"] = model.background
     for role in teachers:
         den = role.denoiser
+        if not any(True for _ in den.parameters()):
+            continue  # an oracle: analytic scenes, no network
         if role.name == "sd":
             nets["teacher sd: vae (shared with mvdream)"] = den.vae
         else:

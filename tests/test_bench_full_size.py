@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from bench.full_size import PhaseLog, build, full_config, one_step
+from bench.full_size import PhaseLog, build, full_config, model_report, one_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -62,3 +62,12 @@ def test_early_teacher_gradients_give_the_same_gradients_and_losses():
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
             reached += bool(a.abs().sum() > 0)
     assert reached > len(params) // 2
+
+
+def test_model_report_counts_each_network_once_and_skips_oracles():
+    cfg = full_config([REPO / "configs" / "oracle.yaml"], TINY)
+    model, teachers, _, _ = build(cfg, PhaseLog(echo=False))
+    report = model_report(model, teachers)
+    assert not any(name.startswith("teacher") for name in report)  # oracles have no weights
+    counted = sum(r["parameters"] for r in report.values())
+    assert counted == sum(p.numel() for p in model.parameters())
