@@ -23,7 +23,7 @@ import torch
 from prd import distributed, reshard
 from prd.config import load
 from prd.model import build_model
-from prd.train import deepspeed_config, make_optimizer
+from prd.train import make_engine
 
 
 def best(fn, repeats: int) -> float:
@@ -46,16 +46,8 @@ def main() -> None:
     cfg = load(args.config or ["configs/oracle.yaml"], ["student.pretrained=null", *args.overrides])
     torch.set_num_threads(1)
     info = distributed.setup(cfg.train.device)
-    import deepspeed
-
     model = build_model(cfg, device=info.device, seed=0)
-    trainable = [q for q in model.parameters() if q.requires_grad]
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=trainable,
-        optimizer=make_optimizer(cfg, trainable),
-        config=deepspeed_config(cfg, info.world_size),
-    )
+    engine, trainable = make_engine(cfg, model, info.world_size)
     for _ in range(cfg.train.progressive_steps * cfg.train.grad_accum):
         engine.backward(sum(q.square().sum() for q in trainable))
         engine.step()

@@ -141,6 +141,22 @@ def regularization(regs: dict[str, torch.Tensor], t: TrainConfig, step: int) -> 
     return total
 
 
+def make_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+    """(DeepSpeed engine, trainable parameters) of ``model``: the parameters that require
+    gradients, ``make_optimizer``'s optimizer and ``deepspeed_config``'s ZeRO settings.
+    Call after the process group exists (``prd.distributed.setup``)."""
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=trainable,
+        optimizer=make_optimizer(cfg, trainable),
+        config=deepspeed_config(cfg, world_size),
+    )
+    return engine, trainable
+
+
 def make_optimizer(cfg: Config, params):
     t = cfg.train
     if t.optimizer == "adan":
@@ -248,7 +264,6 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     info = distributed.setup(cfg.train.device, timeout=cfg.train.collective_timeout)
-    import deepspeed
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -274,13 +289,7 @@ def train(cfg: Config, run_dir: Path, resume: bool | str = False) -> dict:
         frozen_dtype=frozen,
     )
     precision.check_trainable_fp32(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=trainable,
-        optimizer=make_optimizer(cfg, trainable),
-        config=deepspeed_config(cfg, info.world_size),
-    )
+    engine, trainable = make_engine(cfg, model, info.world_size)
     stream = make_stream(cfg, info)
     start, nonfinite_in_row, nonfinite_total = 0, 0, 0
     if resume_step is not None:

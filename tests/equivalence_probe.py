@@ -23,12 +23,10 @@ PROMPTS = ["a red cube", "a blue sphere", "a green torus", "a yellow cone"]
 
 
 def one_update(batch: int, out: Path) -> None:
-    import deepspeed
-
     from prd import distributed, reshard
     from prd.config import load
     from prd.model import build_model
-    from prd.train import deepspeed_config, make_optimizer, reaching_every_parameter
+    from prd.train import make_engine, reaching_every_parameter
 
     cfg = load(
         [REPO / "configs" / "tiny.yaml"],
@@ -41,13 +39,7 @@ def one_update(batch: int, out: Path) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=trainable,
-        optimizer=make_optimizer(cfg, trainable),
-        config=deepspeed_config(cfg, info.world_size),
-    )
+    engine, trainable = make_engine(cfg, model, info.world_size)
     planes, size = cfg.student.planes, cfg.student.resolved_latent_size()
     first = info.rank * batch
     for k in range(cfg.train.progressive_steps):
