@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from prd.losses import eikonal_loss, sparsity_loss
 from renderers.cameras import Cameras, pixel_rays
+from renderers.grad_scale import scale_grad
 from renderers.isosurface import evaluate_grid, extract_surface
-from renderers.mesh import MeshRenderConfig, render_mesh, scale_grad
+from renderers.mesh import MeshRenderConfig, render_mesh
 from renderers.raster import get_backend
 from renderers.volume import ViewMaps, VolumeConfig, render_views
 from teachers.base import GuidanceOut, Views

@@ -79,27 +79,6 @@ class MeshRender:
     far: float
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
-def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the incoming gradient by ``factor``.
-
-    The training loop applies it to the SDF values that feed the mesh extraction, with
-    ``MeshRenderConfig.grad_scale``, so the mesh branch's SDF gradients are scaled by 0.001
-    as in the reference while its texture gradients are not.
-    """
-    return _ScaleGrad.apply(x, float(factor))
-
-
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """(V, 3) unit vertex normals: sums of the adjacent faces' area-weighted normals
     (outward for counter-clockwise faces seen from outside). verts (V, 3); faces (F, 3)."""

@@ -37,7 +37,7 @@ import torch.utils.checkpoint
 
 from renderers.cameras import Cameras, pixel_rays
 from renderers.field import Field, sdf_and_normal
-from renderers.mesh import scale_grad
+from renderers.grad_scale import scale_grad
 
 WHITE = (1.0, 1.0, 1.0)
 """Background of a render that passes none (training passes its ``train.background``)."""

@@ -12,7 +12,8 @@ import trimesh
 from prd.preview import turntable
 from renderers.cameras import camera_space, orbit_cameras, pixel_rays
 from renderers.field import SphereField
-from renderers.mesh import MeshRenderConfig, render_mesh, scale_grad
+from renderers.grad_scale import scale_grad
+from renderers.mesh import MeshRenderConfig, render_mesh
 from renderers.raster import get_backend
 
 RADIUS, DIST, FOV, SIZE = 0.5, 1.5, 40.0, 64
