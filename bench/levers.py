@@ -19,8 +19,9 @@ Every child runs with ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc returns freed lar
 so the RSS after building is what lives on). After building, the child resets its peak
 RSS to its current RSS (``/proc/self/clear_refs``), so the peak it reports (``ru_maxrss``,
 and the kernel's ``VmHWM``) is the lever's, not the build's. The parent samples each
-child's RSS and the machine's MemAvailable and kills the child past either limit. The
-gradient norms of each pair must agree to float rounding: the chunks change memory only.
+child's RSS (its "sampled" maximum covers the whole child, the build included) and the
+machine's MemAvailable, and kills the child past either limit. The gradient norms of each
+pair must agree to float rounding: the chunks change memory only.
 """
 
 from __future__ import annotations
