@@ -44,6 +44,10 @@ EDGES = [(c, c | 1 << (2 - axis)) for axis in range(3) for c in range(8) if not 
 EDGE_AXIS = [axis for axis in range(3) for _ in range(4)]
 
 
+def _cross(u: list[float], v: list[float]) -> list[float]:
+    return [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]]
+
+
 def _faces() -> list[list[int]]:
     """The cell's 6 faces, each its 4 corners counter-clockwise seen from outside."""
     faces = []
@@ -54,8 +58,7 @@ def _faces() -> list[list[int]]:
         # seen from the side the normal points to
         u = [0.0, 0.0, 0.0]
         u[(axis + 1) % 3] = 1.0
-        v = [normal[1] * u[2] - normal[2] * u[1], normal[2] * u[0] - normal[0] * u[2],
-             normal[0] * u[1] - normal[1] * u[0]]  # fmt: skip
+        v = _cross(normal, u)
         corners = [c for c in range(8) if CORNERS[c][axis] == side]
 
         def angle(c, u=u, v=v):
@@ -99,9 +102,7 @@ def _edge_midpoint(edge: int) -> list[float]:
 
 def _normal(tri: tuple[int, int, int]) -> list[float]:
     p, q, r = (_edge_midpoint(e) for e in tri)
-    u = [q[i] - p[i] for i in range(3)]
-    v = [r[i] - p[i] for i in range(3)]
-    return [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]]
+    return _cross([q[i] - p[i] for i in range(3)], [r[i] - p[i] for i in range(3)])
 
 
 def build_case_table() -> tuple[torch.Tensor, torch.Tensor]:
