@@ -97,11 +97,16 @@ class HostCopy:
         self.resident = False
 
 
+def _resident_ids(roles: list[RoleTeachers]) -> set[int]:
+    """``id`` of every tensor of the roles that stay on the device."""
+    return {id(t) for r in roles if r.keep_resident for t in _tensors(r.weights)}
+
+
 def plan(roles: list[RoleTeachers]) -> dict[str, list[Tensor]]:
     """role name -> the tensors offloading moves for it (module docstring): its weights'
     parameters and buffers minus those of any role that stays on the device; roles that
     stay, or have no weights (oracles), are left out."""
-    kept = {id(t) for r in roles if r.keep_resident for t in _tensors(r.weights)}
+    kept = _resident_ids(roles)
     return {
         r.name: [t for t in _tensors(r.weights) if id(t) not in kept]
         for r in roles
@@ -116,8 +121,7 @@ def attach(roles: list[RoleTeachers], device) -> None:
     ValueError if a role that stays on the device uses a tensor already offloaded (a role
     keeping residence must be built before the roles it shares with)."""
     hosts = {id(t): h for r in roles if r.host is not None for t, h in r.host.slots}
-    kept = {id(t) for r in roles if r.keep_resident for t in _tensors(r.weights)}
-    if kept & hosts.keys():
+    if _resident_ids(roles) & hosts.keys():
         raise ValueError(
             "teachers.offload: a teacher that stays on the device shares weights with one "
             "already offloaded; build it first"
