@@ -18,14 +18,13 @@ step.
 
 from __future__ import annotations
 
-import os
-import resource
 import time
 from collections.abc import Callable
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from bench.rss import peak_rss_gib, rss_gib
 from bench.sd_teacher import teacher_in_code
 from prd import precision
 from prd.branches import render_branches, score_branches
@@ -257,12 +256,6 @@ def one_step(
     return {f"{t}/{b}": v.item() for (t, b), v in scores.losses.items()}
 
 
-def rss_gib() -> float:
-    """The process's current resident set size (GiB; Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
 class PhaseLog:
     """After each phase: the wall time since the previous one, the process's peak RSS so
     far (``ru_maxrss``, the OS's figure) and its current RSS."""
@@ -277,7 +270,7 @@ class PhaseLog:
         row = {
             "phase": name,
             "seconds": round(now - self._t, 3),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "peak_rss_gib": round(peak_rss_gib(), 3),
             "rss_gib": round(rss_gib(), 3),
         }
         self.rows.append(row)

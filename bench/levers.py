@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from bench.full_size import build, full_config, rss_gib
+from bench.full_size import build, full_config
+from bench.rss import peak_rss_gib, rss_gib
 from prd import precision
 from prd.arch import ARCH_CONFIGS
 from prd.background import LearnedBackground
@@ -49,7 +49,6 @@ from prd.teacher_setup import ROLES
 from prd.triplane import FieldDecoder
 from renderers.cameras import sample_cameras
 
-GIB = 2**30
 LEVERS = {"decode": "student.decode_chunk", "mesh": "mesh.view_chunk"}
 SETTINGS = (0, 1)
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -68,6 +67,13 @@ def lever_config(
     for role in ROLES:  # after the config's check, which wants one role enabled
         getattr(cfg.teachers, role).enabled = False
     return cfg
+
+
+def _plane_size(cfg: Config) -> int:
+    """Pixels per side of the decoded triplanes: the latent size times the student VAE's
+    upsampling (2 per block after the first)."""
+    vae = ARCH_CONFIGS[cfg.student.arch][1]
+    return cfg.student.resolved_latent_size() * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def _projection(shape, gen: torch.Generator) -> torch.Tensor:
@@ -93,8 +99,7 @@ def build_decode(cfg: Config, seed: int = 0) -> Callable[[], dict]:
     student.unet = student.text_encoder = None
     gen = torch.Generator().manual_seed(seed + 1)
     b, p, c = cfg.train.batch_size, cfg.student.planes, cfg.student.triplane_channels
-    size = cfg.student.resolved_latent_size()
-    side = size * 2 ** (len(ARCH_CONFIGS[cfg.student.arch][1]["block_out_channels"]) - 1)
+    size, side = cfg.student.resolved_latent_size(), _plane_size(cfg)
     x0 = torch.randn(b * p, 4, size, size, generator=gen).requires_grad_(True)
     proj = [_projection((b, 3, c, side, side), gen) for _ in range(2)]
     trainable = [q for q in student.decoder.parameters() if q.requires_grad]
@@ -122,9 +127,8 @@ def build_mesh(cfg: Config, seed: int = 0) -> Callable[[], dict]:
     takes and the training cameras; returns ``run()`` for one forward and backward of the
     mesh branch, which returns the seconds, the covered share of pixels and the gradient
     norms."""
-    _, vae, text = ARCH_CONFIGS[cfg.student.arch]
-    b, c = cfg.train.batch_size, cfg.student.triplane_channels
-    size = cfg.student.resolved_latent_size() * 2 ** (len(vae["block_out_channels"]) - 1)
+    text = ARCH_CONFIGS[cfg.student.arch][2]
+    b, c, size = cfg.train.batch_size, cfg.student.triplane_channels, _plane_size(cfg)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         decoder = FieldDecoder(cfg.field)
@@ -169,7 +173,7 @@ def _peaks() -> dict[str, float]:
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     return {
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": peak_rss_gib(),
         "vm_hwm_gib": hwm / 2**20,
     }
 

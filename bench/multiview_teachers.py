@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 
+from bench.rss import peak_rss_gib
 from renderers.cameras import Cameras, CameraSampling, sample_cameras
 from teachers import multiview_unet as mv
 from teachers import mvdream, richdreamer
@@ -59,7 +59,7 @@ def main() -> None:
         parameters_m=round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
         build_s=round(build, 2),
         call_s=[round(s, 2) for s in times],
-        peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        peak_rss_gib=round(peak_rss_gib(), 2),
         threads=args.threads,
     )
     print(json.dumps(report))

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from bench.rss import peak_rss_gib
 from prompts.config import CurateConfig
 from prompts.curate import curate, load_manifest
 from prompts.stream import PromptStream
@@ -97,7 +97,7 @@ def main() -> None:
         start = time.perf_counter()
         report = curate([tmp / "corpus.txt"], tmp / "out", CurateConfig(shards=args.shards))
         wall = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        peak = peak_rss_gib()
         c = report["counts"]
         print(
             f"curated in {wall:.1f} s ({args.lines / wall:,.0f} lines/s), peak RSS {peak:.2f} GiB"

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -40,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.rss import peak_rss_gib
 from prd.config import load
 from prd.export import export_mesh
 from prd.model import build_model
@@ -123,10 +123,6 @@ def gpu_estimate(row: dict, chip: str, mfu: float) -> dict:
         "total_seconds": total,
         "without_export_seconds": total - est["export"],
     }
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def bench_config(path: str, grids: list[int], repeats: int, prompt: str, batch: int) -> list[dict]:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from bench.rss import peak_rss_gib
 from prd.arch import ARCH_CONFIGS, sd_scheduler
 from prd.pretrained_teachers import StudentBase
 from prd.student import StudentConfig, build_student
@@ -42,10 +42,6 @@ from teachers.sd import SDDenoiser
 
 # (render px of the volume branch, of the mesh branch, teacher px, objects)
 SHAPES = {"tiny": (32, 64, 32, 2), "sd21": (128, 512, 512, 2)}
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def teacher_in_code(arch: str, checkpointing: bool, student: StudentBase | None = None):
