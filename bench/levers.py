@@ -188,9 +188,11 @@ def measure(lever: str, cfg: Config, seed: int = 0) -> dict:
     """Build ``lever``'s part, reset the peak, run it once: RSS, peaks and seconds."""
     t0 = time.perf_counter()
     run = BUILDERS[lever](cfg, seed)
-    built = {"build_s": time.perf_counter() - t0, "rss_built_gib": rss_gib(),
-             "build_peak_rss_gib": _peaks()["peak_rss_gib"]}  # fmt: skip
+    built = {"build_s": time.perf_counter() - t0, "build_peak_rss_gib": _peaks()["peak_rss_gib"]}
     _reset_peak()
+    # read after the reset: the peak starts from this RSS, so peak >= it (read before,
+    # memory freed in between would leave the new peak under it)
+    built["rss_built_gib"] = rss_gib()
     t1 = time.perf_counter()
     out = run()
     out["wall_s"] = time.perf_counter() - t1
