@@ -8,7 +8,9 @@ One ``forward`` (the ``Teacher`` protocol of ``teachers.base``):
 3. x_t = alpha_t sg(x) + sigma_t noise; the denoiser predicts conditional and unconditional
    (the negative prompt's) eps in one batch (ASD adds the conditional eps at its later
    timestep);
-4. the configured loss turns them into a scalar with a closed-form gradient w.r.t. x.
+4. the configured loss turns them into a scalar with a closed-form gradient w.r.t. x;
+5. a latent teacher with ``latent_grad`` "decoder" hands the image D(z) - D(z - g) for
+   its latents' gradient g instead of back-propagating g through the encoder.
 """
 
 from __future__ import annotations
@@ -85,7 +87,13 @@ class DistillationTeacher(torch.nn.Module):
         # 1. Pack the views the teacher scores.
         sel = self.role.select(views)
         image = self.role.encode(sel, self.resolution)
-        x = self.encode(image, generator) if self.encode is not None else image
+        through_decoder = self.encode is not None and cfg.latent_grad == "decoder"
+        if through_decoder:  # the latents are a leaf; step 5 moves their gradient
+            with torch.no_grad():
+                x = self.encode(image, generator)
+            x.requires_grad_(True)
+        else:
+            x = self.encode(image, generator) if self.encode is not None else image
         n = x.shape[0]
         # 2. Timesteps: one per object (shared by its views) or one per batch; noise.
         t_group = G.sample_timesteps(cfg, step, n // group, generator)
@@ -133,10 +141,23 @@ class DistillationTeacher(torch.nn.Module):
                 x, eps_c, eps_u, eps_second, t, sched, scale_cfg,
                 cfg.asd_normalization, cfg.asd_eps, group, c,
             )  # fmt: skip
+        # 5. latent_grad "decoder": the latents' gradient reaches the image as a decoded step.
+        if through_decoder:
+            loss = self._through_decoder(image, x, loss, c)
         with torch.no_grad():
             if x0 is None:
                 x0 = sched.x0_from_eps(x_t, G.cfg_eps(eps_c, eps_u, scale_cfg), t)
         return GuidanceOut(loss=loss, x0=x0.detach(), timesteps=t_group, to_image=self._x0_to_image)
+
+    def _through_decoder(self, image: Tensor, z: Tensor, loss: Tensor, c: float) -> Tensor:
+        """A loss on ``image`` whose gradient is c (D(z) - D(z - g)), where c g is ``loss``'s
+        gradient w.r.t. the latents z: the latent target z - g, decoded, against z decoded."""
+        (grad,) = torch.autograd.grad(loss, z)
+        if c == 0:
+            return (image * 0).sum()
+        with torch.no_grad():
+            step = self.decode(z) - self.decode(z - grad / c)
+        return G.surrogate(image, step, c)
 
     @torch.no_grad()
     def _x0_to_image(self, x0: Tensor) -> Tensor:

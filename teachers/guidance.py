@@ -38,6 +38,7 @@ from torch import Tensor
 from teachers.noise import NoiseSchedule
 
 LOSSES = ("sds", "sds_uniform", "x0", "asd")
+LATENT_GRADS = ("encoder", "decoder")
 ASD_NORMALIZATIONS = ("image", "object", "none")
 OBJECT_REDUCTIONS = ("sum", "mean")
 
@@ -79,6 +80,11 @@ class GuidanceConfig:
     object_reduction: str = "sum"
     """Over the objects of a batch: "sum" (the reference's) or "mean" (1/B of the sum
     against the eikonal/sparsity terms, which are means)."""
+    latent_grad: str = "encoder"
+    """How a latent teacher's gradient g (w.r.t. its latents z) reaches the render:
+    "encoder" (the reference's: back through the VAE encoder, J_E^T g) or "decoder" (the
+    latent target z - g decoded: the image's gradient is D(z) - D(z - g), scaled as the
+    loss; zero where g is). Pixel-space teachers ignore it."""
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -115,6 +121,11 @@ class GuidanceConfig:
             raise ValueError(
                 f"GuidanceConfig.object_reduction must be one of {OBJECT_REDUCTIONS}, "
                 f"got {self.object_reduction!r}"
+            )
+        if self.latent_grad not in LATENT_GRADS:
+            raise ValueError(
+                f"GuidanceConfig.latent_grad must be one of {LATENT_GRADS}, "
+                f"got {self.latent_grad!r}"
             )
         if self.reference_numel is not None and self.reference_numel < 1:
             raise ValueError(

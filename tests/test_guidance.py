@@ -210,3 +210,56 @@ def test_richdreamer_teacher_runs_on_views_and_target_is_image():
     out = OracleRichDreamer()(views, ["a white torus"], 0, torch.Generator().manual_seed(0))
     assert out.target.shape == (4, 32, 32, 4) and out.timesteps.shape == (1,)
     assert out.target.min() >= 0 and out.target.max() <= 1 and torch.isfinite(out.loss)
+
+
+class _ShrinkDenoiser(torch.nn.Module):
+    """eps = 0.3 x_t + the prompt's index: a fixed, text-dependent noise predictor."""
+
+    def encode_text(self, prompts):
+        return torch.tensor([float(len(p)) for p in prompts])
+
+    def forward(self, x_t, t, cond, cameras):
+        return 0.3 * x_t + 0.01 * cond.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("latent_grad", ["encoder", "decoder"])
+def test_latent_grad_modes_closed_form(latent_grad):
+    """A linear VAE z = A x per pixel, D(z) = A^-1 z: the x0 loss's latent gradient
+    c (z - z0) reaches the image as c A^T (z - z0) through the encoder, and as
+    c (D(z) - D(z0)) = c A^-1 (z - z0) with ``latent_grad`` "decoder" (the pixel-space x0
+    loss against the decoded target); A is not orthogonal, so the two differ."""
+    from teachers.distill import DistillationTeacher
+    from teachers.roles import SingleViewRGB
+
+    a = torch.tensor([[1.0, 0.5, 0.0], [0.0, 2.0, 0.3], [0.2, 0.0, 0.7]])
+    a_inv = torch.linalg.inv(a)
+    mix = lambda m, x: torch.einsum("ij,njhw->nihw", m, x)
+    cfg = G.GuidanceConfig(loss="x0", guidance_scale=1.0, recon_std_rescale=0.0,
+                           latent_grad=latent_grad)  # fmt: skip
+    teacher = DistillationTeacher(
+        "toy", SingleViewRGB(), _ShrinkDenoiser(), cfg, resolution=8,
+        encode=lambda x, gen: mix(a, x), decode=lambda z: mix(a_inv, z),
+    )  # fmt: skip
+    cams = orbit_cameras(torch.arange(2) * 90.0, 15.0, 1.5)
+    rgb = torch.rand(2, 8, 8, 3, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    ones = torch.ones(2, 8, 8)
+    views = Views(rgb, ones, ones, torch.zeros(2, 8, 8, 3), cams, 1)
+    prompts = ["a red cube", "a cone"]
+    out = teacher(views, prompts, 0, torch.Generator().manual_seed(5))
+    (got,) = torch.autograd.grad(out.loss, rgb)
+    t, noise = _teacher_expected_draws(cfg, 0, 2, 1, (2, 3, 8, 8), 5)
+    z = mix(a, rgb.detach().permute(0, 3, 1, 2) * 2 - 1)
+    z_t = SCHED.add_noise(z, noise, t)
+    eps = 0.3 * z_t + 0.01 * torch.tensor([10.0, 6.0]).view(-1, 1, 1, 1)
+    z0 = SCHED.x0_from_eps(z_t, eps, t)
+    assert torch.allclose(out.x0, z0, atol=1e-5)
+    back = a.T if latent_grad == "encoder" else a_inv
+    want = 2 * mix(back, z - z0).permute(0, 2, 3, 1)  # c = 1: no reference size, one view
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    other = a_inv if latent_grad == "encoder" else a.T
+    assert not torch.allclose(got, 2 * mix(other, z - z0).permute(0, 2, 3, 1), rtol=0.05)
+
+
+def test_latent_grad_unknown_is_named():
+    with pytest.raises(ValueError, match="latent_grad"):
+        G.GuidanceConfig(latent_grad="pixels")
