@@ -15,7 +15,10 @@ of the wrong colour faster than the colour can follow makes a student's objects 
 
 Prints one row per prompt and alpha: dL/da of every teacher, mean +- standard error, and
 for the RGB teachers the mean colour of the object in their guided x0 target (what the
-teacher would paint; compare it with the prompt's colour across CFG scales). The
+teacher would paint; compare it with the prompt's colour across CFG scales) and, with
+--color, the cosine between the way the loss's gradient moves the object's whole colour
+and the way to the prompt's colour (+1: straight there; it separates what the target
+asks from what reaches the render, e.g. through a latent teacher's VAE encoder). The
 teachers score the volume branch's inputs at step 0 of the config's schedules.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -45,16 +49,33 @@ PROMPTS = (
 """Default: six training prompts, every shape and every colour once."""
 
 
-def fade_views(render, cams, alpha: torch.Tensor, background: torch.Tensor) -> Views:
-    """The true render with its object faded to ``alpha`` over ``background``."""
-    rgb = render.rgb * alpha + (1 - alpha) * background
+def fade_views(
+    render, cams, alpha: torch.Tensor, background: torch.Tensor, shift: torch.Tensor | None = None
+) -> Views:
+    """The true render with its object faded to ``alpha`` over ``background``; ``shift``
+    (3,), when given, is added to the object's colour (weighted by its coverage)."""
+    rgb = render.rgb if shift is None else render.rgb + shift * render.mask[..., None]
+    rgb = rgb * alpha + (1 - alpha) * background
     return Views(rgb, render.mask * alpha, render.depth, render.normal, cams, len(cams))
+
+
+@dataclass
+class Draw:
+    """One teacher call on a faded render."""
+
+    pull: float
+    """dL/da: negative, the teacher asks for more of the object; positive, less."""
+    target_color: torch.Tensor | None
+    """(3,) the object colour of the teacher's guided x0 target (``object_color``)."""
+    color_grad: torch.Tensor
+    """(3,) dL/d(a shift of the object's whole colour): minus the colour it is pulled to."""
 
 
 def pull(teacher, render, cams, prompt, background, alpha: float, draws: int, gen) -> list:
     """dL/da of one teacher at one alpha, one value per draw."""
     return [
-        d for d, _ in pull_and_target(teacher, render, cams, prompt, background, alpha, draws, gen)
+        d.pull
+        for d in pull_and_target(teacher, render, cams, prompt, background, alpha, draws, gen)
     ]
 
 
@@ -67,16 +88,28 @@ def object_color(image: torch.Tensor, background: torch.Tensor) -> torch.Tensor 
     return image[off].mean(0) if off.any() else None
 
 
-def pull_and_target(teacher, render, cams, prompt, background, alpha, draws, gen) -> list:
-    """(dL/da, the object colour of the teacher's guided x0 target or None) per draw."""
+def pull_and_target(teacher, render, cams, prompt, background, alpha, draws, gen) -> list[Draw]:
+    """One ``Draw`` per timestep / noise draw."""
     out = []
     for _ in range(draws):
         a = torch.tensor(alpha, requires_grad=True)
-        views = fade_views(render, cams, a, background)
+        shift = torch.zeros(3, requires_grad=True)
+        views = fade_views(render, cams, a, background, shift)
         g = teacher.for_branch("volume")(views, [prompt], 0, gen)
-        (d,) = torch.autograd.grad(g.loss, a)
-        out.append((d.item(), object_color(g.to_image(g.x0), background)))
+        d, dc = torch.autograd.grad(g.loss, (a, shift), allow_unused=True)  # ND-MV: no colour
+        dc = torch.zeros(3) if dc is None else dc
+        out.append(Draw(d.item(), object_color(g.to_image(g.x0), background), dc))
     return out
+
+
+def color_pull_cosine(draws: list[Draw], painted: torch.Tensor, wanted: torch.Tensor):
+    """Cosine between the mean colour pull (-dL/dshift) and the way from the painted colour
+    to the prompt's; None when the object is painted the prompt's colour."""
+    way = wanted - painted
+    if way.norm() < 1e-3:
+        return None
+    pull_ = -torch.stack([d.color_grad for d in draws]).mean(0)
+    return torch.nn.functional.cosine_similarity(pull_, way, dim=0).item()
 
 
 def main() -> None:
@@ -119,6 +152,7 @@ def main() -> None:
         render = render_scenes(
             [shape] * n, color[None].expand(n, 3), cams, 32, tuple(background.tolist()), 2
         )
+        wanted = scene_color(prompt)
         for alpha in args.alphas:
             row = {"prompt": prompt, "alpha": alpha, "color": [round(c, 3) for c in color.tolist()]}
             cells = []
@@ -126,15 +160,20 @@ def main() -> None:
                 draws = pull_and_target(
                     teacher, render, cams, prompt, background, alpha, args.draws, gen
                 )
-                d = torch.tensor([x for x, _ in draws])
+                d = torch.tensor([x.pull for x in draws])
                 se = (d.std() / len(d) ** 0.5).item() if len(d) > 1 else 0.0
                 row[teacher.name] = [round(d.mean().item(), 3), round(se, 3)]
                 cells.append(f"{teacher.name} {d.mean().item():+9.3g} +- {se:.2g}")
-                colors = [c for _, c in draws if c is not None]
+                colors = [x.target_color for x in draws if x.target_color is not None]
                 if colors:
                     target = torch.stack(colors).mean(0).tolist()
                     row[teacher.name + "_target_color"] = [round(c, 3) for c in target]
-                    cells[-1] += " (target " + ",".join(f"{c:.2f}" for c in target) + ")"
+                    cells[-1] += " (target " + ",".join(f"{c:.2f}" for c in target)
+                    cos = color_pull_cosine(draws, color, wanted)
+                    if cos is not None:
+                        row[teacher.name + "_color_pull_cos"] = round(cos, 3)
+                        cells[-1] += f"; colour pull cos {cos:+.2f}"
+                    cells[-1] += ")"
             rows.append(row)
             print(f"{prompt:20s} a={alpha:.2f}  " + "  ".join(cells), flush=True)
     if args.json:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.teacher_pull import PROMPTS, pull, pull_and_target
+from bench.teacher_pull import PROMPTS, color_pull_cosine, pull, pull_and_target
 from prd.config import load
 from prd.teacher_setup import build_teachers
 from renderers.cameras import sample_cameras
@@ -62,8 +62,29 @@ def test_an_oracle_paints_its_prompt_colour():
     prompt = "a green sphere"
     teachers, render, cams, background, gen = oracle_scene(prompt)
     for teacher in teachers:
-        ((_, target),) = pull_and_target(teacher, render, cams, prompt, background, 0.5, 1, gen)
+        (draw,) = pull_and_target(teacher, render, cams, prompt, background, 0.5, 1, gen)
+        target = draw.target_color
         if teacher.name == "richdreamer":
             assert target is None
         else:
             torch.testing.assert_close(target, scene_color(prompt), atol=0.04, rtol=0)
+
+
+def test_an_oracle_pulls_a_grey_object_straight_to_its_colour():
+    """Painted grey, the oracle's x0 loss at CFG 1 is half the squared pixel distance to the
+    true render, so its gradient w.r.t. a shift of the object's colour is the coverage-
+    weighted sum of (grey - true colour): the pull's cosine with the way to the prompt's
+    colour is 1 up to antialiased edges. The normal-depth teacher is blind to colour."""
+    prompt = "a blue torus"
+    teachers, render, cams, background, gen = oracle_scene(prompt)
+    grey = torch.full((3,), 0.5)
+    painted = render.rgb + (grey - scene_color(prompt)) * render.mask[..., None]
+    render.rgb = painted
+    for teacher in teachers:
+        draws = pull_and_target(teacher, render, cams, prompt, background, 1.0, 1, gen)
+        cos = color_pull_cosine(draws, grey, scene_color(prompt))
+        if teacher.name == "richdreamer":
+            assert draws[0].color_grad.abs().max() == 0
+        else:
+            assert cos == pytest.approx(1.0, abs=1e-3), teacher.name
+    assert color_pull_cosine(draws, scene_color(prompt), scene_color(prompt)) is None
