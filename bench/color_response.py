@@ -1,0 +1,116 @@
+"""How fast does one teacher move the student's colours, prompt by prompt?
+
+The smallest setting in which a teacher has to teach colour: the config's student at its
+initial weights, one teacher on the volume branch alone, a few prompts, the config's
+optimizer. Each step samples the student's one-step triplanes (t = 999) for the prompts,
+renders their views and takes one optimizer step on that teacher's loss. Every --every
+steps it prints the field's colour for each prompt (the mean over --points points near
+the centre, inside every shape of the oracle scenes) and, at the end, the distance from
+the prompt's colour. The start is the same for every prompt (the initial student is
+grey), so a teacher whose pull follows the prompt moves the prompts apart; one that moves
+them together (towards one colour whatever the prompt) teaches no colour at all.
+
+    python -m bench.color_response --config configs/distill_tiny.yaml --teacher sd
+        [--steps 20] [--prompts "a green sphere,a red capsule"] [key=value ...]
+
+Compare, e.g., ``teachers.sd.source=oracle`` (exact targets) with the learned teacher,
+and ``teachers.sd.guidance.latent_grad=encoder`` with ``decoder``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from prd.branches import volume_branch
+from prd.config import Config, load
+from prd.model import build_model
+from prd.teacher_setup import build_teachers
+from prd.train import make_optimizer, student_base
+from renderers.cameras import sample_cameras
+from teachers.scenes import scene_color
+
+CENTRE = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 0.1]])
+"""Points inside every oracle shape (the smallest, the torus's tube, is off the centre:
+these points only read the field's colour, which is defined everywhere)."""
+
+
+def field_colors(model, geometry, texture, n_prompts: int) -> torch.Tensor:
+    """(n_prompts, 3) the field's mean colour at CENTRE for each prompt's planes."""
+    with torch.no_grad():
+        field = model.field(geometry, texture)
+        points = CENTRE[None].expand(n_prompts, -1, -1).contiguous()
+        return field.color(points.to(geometry.device)).mean(1)
+
+
+def respond(cfg: Config, teacher_name: str, prompts: list[str], steps: int, every: int, seed=0):
+    """[(step, (n_prompts, 3) field colours)] every ``every`` steps and at the end."""
+    model = build_model(cfg, seed=seed)
+    cpu = torch.device("cpu")
+    teachers = build_teachers(
+        cfg.teachers, cfg.train.background, cfg.cameras.n_views, device=cpu,
+        student=student_base(model, cfg, None, cpu),
+    )  # fmt: skip
+    names = [t.name for t in teachers]
+    if teacher_name not in names:
+        raise ValueError(f"no enabled teacher {teacher_name!r} in the config (have {names})")
+    teacher = teachers[names.index(teacher_name)].for_branch("volume")
+    student = model.student
+    opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    gen = torch.Generator().manual_seed(seed)
+    text = student.encode_text(prompts)
+    size, planes = student.cfg.resolved_latent_size(), student.cfg.planes
+    background = torch.tensor(cfg.train.background)
+    history = []
+    for step in range(steps + 1):
+        z = torch.randn(len(prompts) * planes, 4, size, size, generator=gen)
+        t = torch.full((len(z),), 999, dtype=torch.long)
+        geometry, texture = student.decode(student.predict_x0(z, t, text))
+        if step % every == 0 or step == steps:
+            history.append((step, field_colors(model, geometry, texture, len(prompts))))
+        if step == steps:
+            break
+        cams = sample_cameras(len(prompts), cfg.cameras, gen)
+        views = volume_branch(
+            model.field(geometry, texture), cams, cfg.volume, cfg.cameras.n_views, gen,
+            background, 1.0,
+        ).views  # fmt: skip
+        loss = teacher(views, prompts, step, gen).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return history
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", action="append", default=None)
+    p.add_argument("--teacher", default="sd")
+    p.add_argument("--prompts", default="a green sphere,a red capsule", help="comma-separated")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--every", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = load(args.config or ["configs/distill_tiny.yaml"], args.overrides)
+    prompts = [q.strip() for q in args.prompts.split(",") if q.strip()]
+    history = respond(cfg, args.teacher, prompts, args.steps, args.every, args.seed)
+    fmt = lambda c: "(" + ", ".join(f"{x:.2f}" for x in c.tolist()) + ")"  # noqa: E731
+    for step, colors in history:
+        print(f"step {step:4d}  " + "  ".join(f"{q}: {fmt(c)}" for q, c in zip(prompts, colors)))
+    final = history[-1][1]
+    errors = [(c - scene_color(q)).norm().item() for q, c in zip(prompts, final)]
+    print("colour error at the end: " + "  ".join(f"{q}: {e:.3f}" for q, e in zip(prompts, errors)))
+    if args.json:
+        rows = {"prompts": prompts, "errors": errors,
+                "history": [[s, c.tolist()] for s, c in history]}  # fmt: skip
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
