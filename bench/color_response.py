@@ -11,7 +11,7 @@ grey), so a teacher whose pull follows the prompt moves the prompts apart; one t
 them together (towards one colour whatever the prompt) teaches no colour at all.
 
     python -m bench.color_response --config configs/distill_tiny.yaml --teacher sd
-        [--steps 20] [--prompts "a green sphere,a red capsule"] [key=value ...]
+        [--steps 20] [--prompts "a green sphere,a red capsule"] [--draws 1] [key=value ...]
 
 Compare, e.g., ``teachers.sd.source=oracle`` (exact targets) with the learned teacher,
 and ``teachers.sd.guidance.latent_grad=encoder`` with ``decoder``.
@@ -45,8 +45,19 @@ def field_colors(model, geometry, texture, n_prompts: int) -> torch.Tensor:
         return field.color(points.to(geometry.device)).mean(1)
 
 
-def respond(cfg: Config, teacher_name: str, prompts: list[str], steps: int, every: int, seed=0):
-    """[(step, (n_prompts, 3) field colours)] every ``every`` steps and at the end."""
+def respond(
+    cfg: Config,
+    teacher_name: str,
+    prompts: list[str],
+    steps: int,
+    every: int,
+    seed: int = 0,
+    draws: int = 1,
+):
+    """[(step, (n_prompts, 3) field colours)] every ``every`` steps and at the end; each
+    step's loss is the mean of ``draws`` teacher calls (timestep and noise draws)."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     model = build_model(cfg, seed=seed)
     cpu = torch.device("cpu")
     teachers = build_teachers(
@@ -77,7 +88,7 @@ def respond(cfg: Config, teacher_name: str, prompts: list[str], steps: int, ever
             model.field(geometry, texture), cams, cfg.volume, cfg.cameras.n_views, gen,
             background, 1.0,
         ).views  # fmt: skip
-        loss = teacher(views, prompts, step, gen).loss
+        loss = sum(teacher(views, prompts, step, gen).loss for _ in range(draws)) / draws
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -92,13 +103,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draws", type=int, default=1, help="teacher calls averaged per step")
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = load(args.config or ["configs/distill_tiny.yaml"], args.overrides)
     prompts = [q.strip() for q in args.prompts.split(",") if q.strip()]
-    history = respond(cfg, args.teacher, prompts, args.steps, args.every, args.seed)
+    history = respond(cfg, args.teacher, prompts, args.steps, args.every, args.seed, args.draws)
     fmt = lambda c: "(" + ", ".join(f"{x:.2f}" for x in c.tolist()) + ")"  # noqa: E731
     for step, colors in history:
         print(f"step {step:4d}  " + "  ".join(f"{q}: {fmt(c)}" for q, c in zip(prompts, colors)))
