@@ -190,8 +190,10 @@ def measure(lever: str, cfg: Config, seed: int = 0) -> dict:
     run = BUILDERS[lever](cfg, seed)
     built = {"build_s": time.perf_counter() - t0, "build_peak_rss_gib": _peaks()["peak_rss_gib"]}
     _reset_peak()
-    # read after the reset: the peak starts from this RSS, so peak >= it (read before,
-    # memory freed in between would leave the new peak under it)
+    # read after the reset: the peak starts from about this RSS (read before, memory
+    # freed in between would leave the new peak well under it); the kernel raises its
+    # high-water mark lazily, so pages returned later with madvise can leave the peak a
+    # few pages under it (a transient of a few KiB below zero means none)
     built["rss_built_gib"] = rss_gib()
     t1 = time.perf_counter()
     out = run()

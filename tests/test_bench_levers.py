@@ -33,4 +33,7 @@ def test_lever_settings_give_the_same_gradients(lever):
         assert 0.02 < a["covered"] < 0.98
         assert b["covered"] == pytest.approx(a["covered"], rel=1e-6)
     for run in runs:
-        assert run["peak_rss_gib"] >= run["rss_built_gib"] > 0
+        # the kernel raises its high-water mark lazily (on unmapping, not on each page
+        # fault): pages that malloc hands back with madvise between the reset and the
+        # final read can leave the peak a few pages under the RSS read after the reset
+        assert run["peak_rss_gib"] >= run["rss_built_gib"] - 2**-10 > 0
