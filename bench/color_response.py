@@ -4,11 +4,14 @@ The smallest setting in which a teacher has to teach colour: the config's studen
 initial weights, one teacher on the volume branch alone, a few prompts, the config's
 optimizer. Each step samples the student's one-step triplanes (t = 999) for the prompts,
 renders their views and takes one optimizer step on that teacher's loss. Every --every
-steps it prints the field's colour for each prompt (the mean over --points points near
-the centre, inside every shape of the oracle scenes) and, at the end, the distance from
-the prompt's colour. The start is the same for every prompt (the initial student is
-grey), so a teacher whose pull follows the prompt moves the prompts apart; one that moves
-them together (towards one colour whatever the prompt) teaches no colour at all.
+steps it prints the field's colour for each prompt (the mean over the four CENTRE
+points) and the coverage of its renders (mean opacity; a prompt whose shape is absent or
+out of view passes its colour only a faint gradient, through near-zero opacity), and at
+the end the distance from the prompt's colour. The start is the same for every prompt
+(the initial student is grey), so a teacher whose pull follows the prompt moves the
+prompts apart; one that moves them together (towards one colour whatever the prompt)
+teaches no colour at all. No ND-MV holds the shapes here: they may fade as in no
+training run, so compare teachers in this setting, not its rates with training's.
 
     python -m bench.color_response --config configs/distill_tiny.yaml --teacher sd
         [--steps 20] [--prompts "a green sphere,a red capsule"] [--draws 1] [key=value ...]
@@ -33,8 +36,8 @@ from renderers.cameras import sample_cameras
 from teachers.scenes import scene_color
 
 CENTRE = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 0.1]])
-"""Points inside every oracle shape (the smallest, the torus's tube, is off the centre:
-these points only read the field's colour, which is defined everywhere)."""
+"""Points near the centre where the field's colour is read (it is defined everywhere, on
+the surface or not; the initial student's shapes are centred)."""
 
 
 def field_colors(model, geometry, texture, n_prompts: int) -> torch.Tensor:
@@ -54,8 +57,10 @@ def respond(
     seed: int = 0,
     draws: int = 1,
 ):
-    """[(step, (n_prompts, 3) field colours)] every ``every`` steps and at the end; each
-    step's loss is the mean of ``draws`` teacher calls (timestep and noise draws)."""
+    """[(step, (n_prompts, 3) field colours, (n_prompts,) coverage)] every ``every`` steps
+    and at the end; coverage is the mean opacity of each prompt's renders at that step (0:
+    no surface in view, so no colour gradient of its own). Each step's loss is the mean
+    of ``draws`` teacher calls (timestep and noise draws)."""
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     model = build_model(cfg, seed=seed)
@@ -79,15 +84,17 @@ def respond(
         z = torch.randn(len(prompts) * planes, 4, size, size, generator=gen)
         t = torch.full((len(z),), 999, dtype=torch.long)
         geometry, texture = student.decode(student.predict_x0(z, t, text))
-        if step % every == 0 or step == steps:
-            history.append((step, field_colors(model, geometry, texture, len(prompts))))
-        if step == steps:
-            break
         cams = sample_cameras(len(prompts), cfg.cameras, gen)
         views = volume_branch(
             model.field(geometry, texture), cams, cfg.volume, cfg.cameras.n_views, gen,
             background, 1.0,
         ).views  # fmt: skip
+        if step % every == 0 or step == steps:
+            colors = field_colors(model, geometry, texture, len(prompts))
+            coverage = views.mask.detach().reshape(len(prompts), -1).mean(1)
+            history.append((step, colors, coverage))
+        if step == steps:
+            break
         loss = sum(teacher(views, prompts, step, gen).loss for _ in range(draws)) / draws
         opt.zero_grad()
         loss.backward()
@@ -112,14 +119,15 @@ def main() -> None:
     prompts = [q.strip() for q in args.prompts.split(",") if q.strip()]
     history = respond(cfg, args.teacher, prompts, args.steps, args.every, args.seed, args.draws)
     fmt = lambda c: "(" + ", ".join(f"{x:.2f}" for x in c.tolist()) + ")"  # noqa: E731
-    for step, colors in history:
-        print(f"step {step:4d}  " + "  ".join(f"{q}: {fmt(c)}" for q, c in zip(prompts, colors)))
+    for step, colors, coverage in history:
+        cells = [f"{q}: {fmt(c)} cover {a:.3f}" for q, c, a in zip(prompts, colors, coverage)]
+        print(f"step {step:4d}  " + "  ".join(cells))
     final = history[-1][1]
     errors = [(c - scene_color(q)).norm().item() for q, c in zip(prompts, final)]
     print("colour error at the end: " + "  ".join(f"{q}: {e:.3f}" for q, e in zip(prompts, errors)))
     if args.json:
         rows = {"prompts": prompts, "errors": errors,
-                "history": [[s, c.tolist()] for s, c in history]}  # fmt: skip
+                "history": [[s, c.tolist(), a.tolist()] for s, c, a in history]}  # fmt: skip
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
 

@@ -17,8 +17,10 @@ def test_the_oracle_moves_the_colour_to_the_prompts():
     overrides = ["student.pretrained=null", "cameras.n_views=2", "train.lr=0.03"]
     cfg = load([REPO / "configs" / "oracle.yaml"], overrides + TINY_TRAINING)
     history = respond(cfg, "sd", ["a green sphere"], steps=4, every=2)
-    assert [step for step, _ in history] == [0, 2, 4]
+    assert [step for step, _, _ in history] == [0, 2, 4]
     start, end = history[0][1][0], history[-1][1][0]
+    coverage = history[0][2]
+    assert coverage.shape == (1,) and 0.02 < coverage[0] < 0.98  # the initial sphere in view
     assert torch.all((start - 0.5).abs() < 0.05)  # the initial student is grey
     want = scene_color("a green sphere")
     moved, way = end - start, want - start
