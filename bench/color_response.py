@@ -10,11 +10,13 @@ out of view passes its colour only a faint gradient, through near-zero opacity),
 the end the distance from the prompt's colour. The start is the same for every prompt
 (the initial student is grey), so a teacher whose pull follows the prompt moves the
 prompts apart; one that moves them together (towards one colour whatever the prompt)
-teaches no colour at all. No ND-MV holds the shapes here: they may fade as in no
-training run, so compare teachers in this setting, not its rates with training's.
+teaches no colour at all. Without ``--hold richdreamer`` nothing holds the shapes: they
+may fade as in no training run, so compare teachers in that setting, not its rates with
+training's.
 
     python -m bench.color_response --config configs/distill_tiny.yaml --teacher sd
-        [--steps 20] [--prompts "a green sphere,a red capsule"] [--draws 1] [key=value ...]
+        [--steps 20] [--prompts "a green sphere,a red capsule"] [--draws 1]
+        [--hold richdreamer] [key=value ...]
 
 Compare, e.g., ``teachers.sd.source=oracle`` (exact targets) with the learned teacher,
 and ``teachers.sd.guidance.latent_grad=encoder`` with ``decoder``.
@@ -56,11 +58,14 @@ def respond(
     every: int,
     seed: int = 0,
     draws: int = 1,
+    hold: str | None = None,
 ):
     """[(step, (n_prompts, 3) field colours, (n_prompts,) coverage)] every ``every`` steps
     and at the end; coverage is the mean opacity of each prompt's renders at that step (0:
     no surface in view, so no colour gradient of its own). Each step's loss is the mean
-    of ``draws`` teacher calls (timestep and noise draws)."""
+    of ``draws`` teacher calls (timestep and noise draws); ``hold`` names a second teacher
+    (e.g. "richdreamer") whose loss on the same views is added, to hold the shapes as in
+    training."""
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     model = build_model(cfg, seed=seed)
@@ -70,9 +75,11 @@ def respond(
         student=student_base(model, cfg, None, cpu),
     )  # fmt: skip
     names = [t.name for t in teachers]
-    if teacher_name not in names:
-        raise ValueError(f"no enabled teacher {teacher_name!r} in the config (have {names})")
+    for name in (teacher_name, hold):
+        if name is not None and name not in names:
+            raise ValueError(f"no enabled teacher {name!r} in the config (have {names})")
     teacher = teachers[names.index(teacher_name)].for_branch("volume")
+    holder = teachers[names.index(hold)].for_branch("volume") if hold else None
     student = model.student
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     gen = torch.Generator().manual_seed(seed)
@@ -96,6 +103,8 @@ def respond(
         if step == steps:
             break
         loss = sum(teacher(views, prompts, step, gen).loss for _ in range(draws)) / draws
+        if holder is not None:
+            loss = loss + holder(views, prompts, step, gen).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -111,13 +120,16 @@ def main() -> None:
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draws", type=int, default=1, help="teacher calls averaged per step")
+    p.add_argument("--hold", default=None, help="a second teacher that holds the shapes")
     p.add_argument("--json", default=None)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(1)
     cfg = load(args.config or ["configs/distill_tiny.yaml"], args.overrides)
     prompts = [q.strip() for q in args.prompts.split(",") if q.strip()]
-    history = respond(cfg, args.teacher, prompts, args.steps, args.every, args.seed, args.draws)
+    history = respond(
+        cfg, args.teacher, prompts, args.steps, args.every, args.seed, args.draws, args.hold
+    )
     fmt = lambda c: "(" + ", ".join(f"{x:.2f}" for x in c.tolist()) + ")"  # noqa: E731
     for step, colors, coverage in history:
         cells = [f"{q}: {fmt(c)} cover {a:.3f}" for q, c, a in zip(prompts, colors, coverage)]
