@@ -5,6 +5,7 @@ true renders, so its steps move the field's colour from the initial grey to the 
 true colour (Adam's steps at this learning rate may overshoot it: the test asks for the
 direction and a distance gained)."""
 
+import pytest
 import torch
 
 from bench.color_response import respond
@@ -26,3 +27,9 @@ def test_the_oracle_moves_the_colour_to_the_prompts():
     moved, way = end - start, want - start
     assert torch.nn.functional.cosine_similarity(moved, way, dim=0) > 0.9, end
     assert (end - want).norm() < (start - want).norm() - 0.1, end
+
+
+def test_an_unknown_teacher_is_named():
+    cfg = load([REPO / "configs" / "oracle.yaml"], ["student.pretrained=null"] + TINY_TRAINING)
+    with pytest.raises(ValueError, match="'nd'"):
+        respond(cfg, "sd", ["a green sphere"], steps=1, every=1, hold="nd")
