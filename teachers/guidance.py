@@ -87,13 +87,16 @@ class GuidanceConfig:
     loss; zero where g is). Pixel-space teachers ignore it."""
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"GuidanceConfig.loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.asd_normalization not in ASD_NORMALIZATIONS:
-            raise ValueError(
-                f"GuidanceConfig.asd_normalization must be one of {ASD_NORMALIZATIONS}, "
-                f"got {self.asd_normalization!r}"
-            )
+        choices = {
+            "loss": LOSSES,
+            "asd_normalization": ASD_NORMALIZATIONS,
+            "object_reduction": OBJECT_REDUCTIONS,
+            "latent_grad": LATENT_GRADS,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"GuidanceConfig.{name} must be one of {allowed}, got {value!r}")
         if not 0 <= self.min_t_end <= 999 or not 0 <= self.min_t <= 999:
             raise ValueError(
                 f"min_t / min_t_end must lie in [0, 999], got {self.min_t}, {self.min_t_end}"
@@ -116,16 +119,6 @@ class GuidanceConfig:
             raise ValueError(
                 f"asd_shift_ratio must be >= 0 and asd_eps > 0, got {self.asd_shift_ratio}, "
                 f"{self.asd_eps}"
-            )
-        if self.object_reduction not in OBJECT_REDUCTIONS:
-            raise ValueError(
-                f"GuidanceConfig.object_reduction must be one of {OBJECT_REDUCTIONS}, "
-                f"got {self.object_reduction!r}"
-            )
-        if self.latent_grad not in LATENT_GRADS:
-            raise ValueError(
-                f"GuidanceConfig.latent_grad must be one of {LATENT_GRADS}, "
-                f"got {self.latent_grad!r}"
             )
         if self.reference_numel is not None and self.reference_numel < 1:
             raise ValueError(
