@@ -29,11 +29,11 @@ import json
 
 import torch
 
+from bench.teacher_pull import cpu_teachers
 from prd.branches import volume_branch
 from prd.config import Config, load
 from prd.model import build_model
-from prd.teacher_setup import build_teachers
-from prd.train import make_optimizer, student_base
+from prd.train import make_optimizer
 from renderers.cameras import sample_cameras
 from teachers.scenes import scene_color
 
@@ -42,12 +42,11 @@ CENTRE = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 
 the surface or not; the initial student's shapes are centred)."""
 
 
-def field_colors(model, geometry, texture, n_prompts: int) -> torch.Tensor:
+def field_colors(field, n_prompts: int) -> torch.Tensor:
     """(n_prompts, 3) the field's mean colour at CENTRE for each prompt's planes."""
     with torch.no_grad():
-        field = model.field(geometry, texture)
         points = CENTRE[None].expand(n_prompts, -1, -1).contiguous()
-        return field.color(points.to(geometry.device)).mean(1)
+        return field.color(points).mean(1)
 
 
 def respond(
@@ -69,11 +68,7 @@ def respond(
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     model = build_model(cfg, seed=seed)
-    cpu = torch.device("cpu")
-    teachers = build_teachers(
-        cfg.teachers, cfg.train.background, cfg.cameras.n_views, device=cpu,
-        student=student_base(model, cfg, None, cpu),
-    )  # fmt: skip
+    teachers = cpu_teachers(cfg, model)
     names = [t.name for t in teachers]
     for name in (teacher_name, hold):
         if name is not None and name not in names:
@@ -90,14 +85,13 @@ def respond(
     for step in range(steps + 1):
         z = torch.randn(len(prompts) * planes, 4, size, size, generator=gen)
         t = torch.full((len(z),), 999, dtype=torch.long)
-        geometry, texture = student.decode(student.predict_x0(z, t, text))
+        field = model.field(*student.decode(student.predict_x0(z, t, text)))
         cams = sample_cameras(len(prompts), cfg.cameras, gen)
         views = volume_branch(
-            model.field(geometry, texture), cams, cfg.volume, cfg.cameras.n_views, gen,
-            background, 1.0,
-        ).views  # fmt: skip
+            field, cams, cfg.volume, cfg.cameras.n_views, gen, background, 1.0
+        ).views
         if step % every == 0 or step == steps:
-            colors = field_colors(model, geometry, texture, len(prompts))
+            colors = field_colors(field, len(prompts))
             coverage = views.mask.detach().reshape(len(prompts), -1).mean(1)
             history.append((step, colors, coverage))
         if step == steps:

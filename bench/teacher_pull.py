@@ -102,6 +102,18 @@ def pull_and_target(teacher, render, cams, prompt, background, alpha, draws, gen
     return out
 
 
+def cpu_teachers(cfg, model) -> list:
+    """The config's teachers on the CPU, the SD teacher sharing ``model``'s student base."""
+    cpu = torch.device("cpu")
+    return build_teachers(
+        cfg.teachers,
+        cfg.train.background,
+        cfg.cameras.n_views,
+        device=cpu,
+        student=student_base(model, cfg, None, cpu),
+    )
+
+
 def color_pull_cosine(draws: list[Draw], painted: torch.Tensor, wanted: torch.Tensor):
     """Cosine between the mean colour pull (-dL/dshift) and the way from the painted colour
     to the prompt's; None when the object is painted the prompt's colour."""
@@ -130,16 +142,8 @@ def main() -> None:
             prompts = [line.strip() for line in f if line.strip()]
     else:
         prompts = list(PROMPTS)
-    model = build_model(cfg, seed=cfg.train.seed)
+    teachers = cpu_teachers(cfg, build_model(cfg, seed=cfg.train.seed))
     background = torch.tensor(cfg.train.background)
-    cpu = torch.device("cpu")
-    teachers = build_teachers(
-        cfg.teachers,
-        cfg.train.background,
-        cfg.cameras.n_views,
-        device=cpu,
-        student=student_base(model, cfg, None, cpu),
-    )
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     for prompt in prompts:
